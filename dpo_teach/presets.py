@@ -1,0 +1,128 @@
+"""Presets: which model, which data and which sizes the course runs with, chosen once per notebook.
+
+A preset is picked by `setup()` at the top of every notebook:
+
+- "tiny" (the default on a CPU): the offline review world of this repository, a tiny GPT-2 that
+  ships under data/base_model, sizes that fit a laptop CPU. Nothing is downloaded.
+- "gpt2" (the default on a CUDA GPU): GPT-2 (124M) and IMDb reviews from the Hugging Face hub,
+  the same code with other names and larger sizes. It needs the internet the first time.
+
+The environment variable DPO_TEACH_PRESET overrides the choice ("tiny" or "gpt2"), DPO_TEACH_DEVICE
+overrides the device ("cpu", "cuda", "mps"). DPO_TEACH_MODEL and DPO_TEACH_DATASET replace the
+model and the review data set of a preset with a hub name or a local folder (tests point the "gpt2"
+preset at local folders this way).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PRESET_ENV = "DPO_TEACH_PRESET"
+DEVICE_ENV = "DPO_TEACH_DEVICE"
+MODEL_ENV = "DPO_TEACH_MODEL"
+DATASET_ENV = "DPO_TEACH_DATASET"
+DATA_ENV = "DPO_TEACH_DATA"
+CACHE_ENV = "DPO_TEACH_CACHE"
+
+
+def data_dir() -> Path:
+    """The folder data/ of the repository (or $DPO_TEACH_DATA): the world, the base model."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV])
+    return Path(__file__).resolve().parent.parent / "data"
+
+
+def cache_dir() -> Path:
+    """Where trained artefacts (SFT policy, preference pairs, reward model) are cached."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(__file__).resolve().parent.parent / "cache"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything that differs between the CPU world and the GPU world."""
+
+    name: str  # "tiny" or "gpt2"
+    device: str  # "cpu", "cuda" or "mps"
+    model: str  # hub name or local folder of the base model (save_pretrained format)
+    dataset: str  # "reviews" (this repository's world) or a hub name / local folder of IMDb-like data
+    seed: int = 0  # seed used by setup() for python, numpy and torch
+    max_prompt_tokens: int = 16  # prompts are cut from the left to this many tokens
+    max_response_tokens: int = 48  # responses are cut from the right to this many tokens
+    max_new_tokens: int = 40  # tokens sampled per response during generation
+    eval_prompts: int = 128  # held-out prompts used to evaluate a policy
+
+    @property
+    def max_length(self) -> int:
+        """Longest prompt + response sequence the batch builder produces."""
+        return self.max_prompt_tokens + self.max_response_tokens
+
+
+def _base_presets(device: str) -> dict[str, Preset]:
+    return {
+        "tiny": Preset(
+            name="tiny",
+            device=device,
+            model=str(data_dir() / "base_model"),
+            dataset="reviews",
+        ),
+        "gpt2": Preset(
+            name="gpt2",
+            device=device,
+            model="gpt2",
+            dataset="stanfordnlp/imdb",
+            max_prompt_tokens=16,
+            max_response_tokens=64,
+            max_new_tokens=48,
+            eval_prompts=512,
+        ),
+    }
+
+
+def find_device() -> str:
+    """The best device here: $DPO_TEACH_DEVICE, else cuda, else mps, else cpu."""
+    if os.environ.get(DEVICE_ENV):
+        return os.environ[DEVICE_ENV]
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def get_preset(name: str | None = None, device: str | None = None, **overrides) -> Preset:
+    """The preset called `name` (default: $DPO_TEACH_PRESET, else "gpt2" on CUDA, else "tiny")."""
+    device = device or find_device()
+    name = name or os.environ.get(PRESET_ENV) or ("gpt2" if device == "cuda" else "tiny")
+    presets = _base_presets(device)
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}: choose one of {sorted(presets)}")
+    preset = presets[name]
+    if os.environ.get(MODEL_ENV):
+        preset = replace(preset, model=os.environ[MODEL_ENV])
+    if os.environ.get(DATASET_ENV):
+        preset = replace(preset, dataset=os.environ[DATASET_ENV])
+    return replace(preset, **overrides)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch so that a run gives the same numbers on the same machine."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def setup(preset: str | None = None, seed: int = 0, device: str | None = None, quiet: bool = False) -> Preset:
+    """Call once at the top of a notebook: seeds everything, finds the device, picks the preset."""
+    chosen = get_preset(preset, device=device, seed=seed)
+    seed_everything(seed)
+    if not quiet:
+        print(f"dpo_teach: preset={chosen.name!r} device={chosen.device!r} seed={seed} model={chosen.model}")
+    return chosen
