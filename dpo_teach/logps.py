@@ -1,0 +1,135 @@
+"""Sequence log-probabilities and the batch builder that every stage (SFT, reward, PPO, DPO) shares.
+
+Conventions (COURSE.md):
+- a prompt and its response are tokenized separately and their ids concatenated, so no BPE merge
+  crosses the boundary; the prompt starts with EOS (GPT-2's document separator, used as a start
+  token) and the response ends with EOS;
+- batches are right-padded; the loss mask marks response tokens only, built from lengths (never
+  from `input_ids != pad_id`, which would also hide a real EOS when pad and EOS share an id);
+- the log-probability of a response is the SUM of its tokens' log-probs (the DPO paper's choice);
+  the mean is an option, never a silent default.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                   average: bool = False) -> torch.Tensor:
+    """Log-probability of the masked tokens of each sequence. Shape: (B,).
+
+    logits (B, T, V) come from the model on the input ids; labels (B, T) are those input ids;
+    loss_mask (B, T) marks the response tokens, aligned with labels: token t counts when
+    loss_mask[:, t] is 1 and is scored by the logits at position t - 1.
+    Sum over tokens by default; the mean over counted tokens when average=True.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2] or loss_mask.shape != labels.shape:
+        raise ValueError(f"expected logits (B, T, V), labels (B, T), loss_mask (B, T); got "
+                         f"{tuple(logits.shape)}, {tuple(labels.shape)}, {tuple(loss_mask.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    logits = logits[:, :-1, :]  # (B, T-1, V): position t-1 predicts token t
+    labels = labels[:, 1:]  # (B, T-1)
+    mask = loss_mask[:, 1:].to(logits.dtype)  # (B, T-1)
+    token_logps = torch.gather(logits.log_softmax(dim=-1), 2, labels.unsqueeze(2)).squeeze(2)  # (B, T-1)
+    summed = (token_logps * mask).sum(dim=-1)  # (B,)
+    if average:
+        return summed / mask.sum(dim=-1).clamp(min=1)
+    return summed
+
+
+def _check_text(record, index: int, field: str, allow_empty: bool) -> str:
+    if not isinstance(record, dict):
+        raise ValueError(f"record {index}: expected a dict with field {field!r}, got {type(record).__name__}")
+    if field not in record:
+        raise ValueError(f"record {index}: missing field {field!r} (fields: {sorted(record)})")
+    value = record[field]
+    if not isinstance(value, str):
+        raise ValueError(f"record {index}: field {field!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"record {index}: field {field!r} is empty")
+    return value
+
+
+def encode_prompt(prompt: str, tokenizer, max_prompt_tokens: int | None = None) -> tuple[list[int], bool]:
+    """(EOS + prompt ids, truncated?). Too long a prompt keeps its END (the start token stays)."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    truncated = max_prompt_tokens is not None and len(ids) + 1 > max_prompt_tokens
+    if truncated:
+        ids = ids[len(ids) + 1 - max_prompt_tokens:]
+    return [tokenizer.eos_token_id] + ids, truncated
+
+
+def encode_response(response: str, tokenizer, max_response_tokens: int | None = None) -> tuple[list[int], bool]:
+    """(response ids + EOS, truncated?). Too long a response keeps its START and loses its EOS
+    (it did not end there)."""
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    truncated = max_response_tokens is not None and len(ids) > max_response_tokens
+    if truncated:
+        ids = ids[:max_response_tokens]
+    return ids, truncated
+
+
+def build_batch(records: list[dict], tokenizer, response_key: str = "completion",
+                max_prompt_tokens: int | None = None, max_response_tokens: int | None = None,
+                start: int = 0) -> dict:
+    """Tokenize prompt and response separately, concatenate, append EOS, right-pad.
+
+    records: dicts with "prompt" (may be empty) and `response_key` (non-empty), e.g. "completion"
+    for SFT data, "chosen" or "rejected" for preference pairs. `start` is the index of the first
+    record in its data set, so that error messages name the right record.
+
+    Returns input_ids, attention_mask, labels (= input_ids) and loss_mask, each (B, T), plus
+    prompt_lengths and response_lengths (B,), and num_truncated_prompts / num_truncated_responses:
+    over-long records are truncated (prompt: keep the end; response: keep the start), counted and
+    warned about, never dropped.
+    """
+    if not records:
+        raise ValueError("build_batch got no records")
+    rows, prompt_lengths, response_lengths = [], [], []
+    cut_prompts = cut_responses = 0
+    for i, record in enumerate(records):
+        prompt = _check_text(record, start + i, "prompt", allow_empty=True)
+        response = _check_text(record, start + i, response_key, allow_empty=False)
+        prompt_ids, cut_p = encode_prompt(prompt, tokenizer, max_prompt_tokens)
+        response_ids, cut_r = encode_response(response, tokenizer, max_response_tokens)
+        cut_prompts += cut_p
+        cut_responses += cut_r
+        rows.append(prompt_ids + response_ids)
+        prompt_lengths.append(len(prompt_ids))
+        response_lengths.append(len(response_ids))
+    if cut_prompts or cut_responses:
+        warnings.warn(f"build_batch truncated {cut_prompts} prompt(s) to {max_prompt_tokens} tokens and "
+                      f"{cut_responses} {response_key!r} response(s) to {max_response_tokens} tokens "
+                      f"(of {len(records)} records)", stacklevel=2)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    prompt_lengths = torch.tensor(prompt_lengths)
+    response_lengths = torch.tensor(response_lengths)
+    positions = torch.arange(width).unsqueeze(0)  # (1, T)
+    total = (prompt_lengths + response_lengths).unsqueeze(1)  # (B, 1)
+    attention_mask = (positions < total).long()  # (B, T)
+    loss_mask = (attention_mask.bool() & (positions >= prompt_lengths.unsqueeze(1))).long()  # (B, T)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": input_ids.clone(),
+        "loss_mask": loss_mask,
+        "prompt_lengths": prompt_lengths,
+        "response_lengths": response_lengths,
+        "num_truncated_prompts": cut_prompts,
+        "num_truncated_responses": cut_responses,
+    }
+
+
+def model_sequence_logps(model, batch: dict, average: bool = False) -> torch.Tensor:
+    """Run `model` on a right-padded batch from build_batch and return sequence_logps. Shape: (B,)."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch["input_ids"].to(device),
+                   attention_mask=batch["attention_mask"].to(device)).logits  # (B, T, V)
+    return sequence_logps(logits, batch["labels"].to(device), batch["loss_mask"].to(device), average=average)
