@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from dpo_teach.presets import Preset, get_preset
 
@@ -85,7 +86,13 @@ def load_base_model(preset: Preset | None = None):
     """
     preset = preset or get_preset()
     tokenizer = load_tokenizer(preset)
-    model = GPT2LMHeadModel.from_pretrained(preset.model)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar for a one-second load is noise
+    try:
+        model = GPT2LMHeadModel.from_pretrained(preset.model)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None and model.generation_config.pad_token_id is None:

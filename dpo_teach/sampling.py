@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from dpo_teach.logps import encode_prompt
 
@@ -68,8 +69,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, tem
         sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
         if temperature == 0:
             sampling = dict(do_sample=False)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             eos_token_id=eos, pad_token_id=pad, **sampling)
+        # Once a row has ended, generate feeds it pad tokens; transformers then warns about padding
+        # without a mask on forwards it makes itself. Those rows are masked by length below.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 eos_token_id=eos, pad_token_id=pad, **sampling)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         chunks.append(out[:, ids.shape[1]:].cpu())  # (b, r) response part only
     width = max(c.shape[1] for c in chunks)
     response_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
