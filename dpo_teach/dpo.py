@@ -7,9 +7,15 @@ GPT-2 policy of notebook 08.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
+
+from dpo_teach.logps import build_batch, model_sequence_logps
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
@@ -95,3 +101,179 @@ def dpo_loss(
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+# ----------------------------------------------------------------------------------------------
+# Training a language-model policy with DPO (notebook 08). The loss above does not change; what
+# changes is where the four log-probs come from: sums of token log-probs of whole responses.
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """One DPO run. CPU-sized defaults (the "tiny" preset); presets replace fields."""
+
+    beta: float = 0.1  # strength of the pull towards the reference model (the paper's beta)
+    loss_type: str = "sigmoid"  # "sigmoid" (DPO), "hinge" (SLiC) or "ipo"
+    label_smoothing: float = 0.0  # eps of conservative DPO (sigmoid loss only)
+    average_logps: bool = False  # mean instead of sum of token log-probs (IPO-style); sum is the paper's
+    num_steps: int = 150  # optimizer steps
+    batch_size: int = 32  # preference pairs per step (2 x batch_size sequences in one forward pass)
+    lr: float = 5e-5  # peak learning rate of AdamW (linear warm-up, then constant, as the paper)
+    warmup_steps: int = 10  # linear warm-up steps
+    max_grad_norm: float = 1.0  # gradient clipping
+    eval_every: int = 25  # steps between evaluations on the held-out pairs (0: never)
+    seed: int = 0  # seeds the order of the pairs
+
+
+def concatenated_batch(records: list[dict], tokenizer, max_prompt_tokens: int | None = None,
+                       max_response_tokens: int | None = None, start: int = 0) -> dict:
+    """The chosen and the rejected responses of `records` in ONE right-padded batch of 2B rows:
+    rows 0..B-1 are prompt + chosen, rows B..2B-1 are prompt + rejected."""
+    halves = [build_batch(records, tokenizer, key, max_prompt_tokens, max_response_tokens, start=start)
+              for key in ("chosen", "rejected")]
+    width = max(h["input_ids"].shape[1] for h in halves)
+    batch = {}
+    for key in ("input_ids", "attention_mask", "labels", "loss_mask"):
+        pad = tokenizer.pad_token_id if key in ("input_ids", "labels") else 0
+        batch[key] = torch.cat([F.pad(h[key], (0, width - h[key].shape[1]), value=pad) for h in halves])  # (2B, T)
+    batch["response_lengths"] = torch.cat([h["response_lengths"] for h in halves])  # (2B,)
+    return batch
+
+
+def pair_logps(model, batch: dict, average: bool = False) -> tuple[Tensor, Tensor]:
+    """(chosen_logps, rejected_logps) of a concatenated batch, from one forward pass. Shapes: (B,)."""
+    logps = model_sequence_logps(model, batch, average=average)  # (2B,)
+    return logps.chunk(2)
+
+
+def _records(pairs) -> list[dict]:
+    if hasattr(pairs, "to_list"):  # a datasets.Dataset
+        return pairs.to_list()
+    return list(pairs)
+
+
+@torch.no_grad()
+def precompute_ref_logps(ref_model, tokenizer, pairs, batch_size: int = 64, average: bool = False,
+                         max_prompt_tokens: int | None = None, max_response_tokens: int | None = None
+                         ) -> tuple[Tensor, Tensor]:
+    """Reference log-probs of every pair, computed once: (ref_chosen_logps, ref_rejected_logps),
+    each (N,). The reference model is then never run during training."""
+    ref_model.eval()
+    records = _records(pairs)
+    chosen, rejected = [], []
+    for start in range(0, len(records), batch_size):
+        batch = concatenated_batch(records[start:start + batch_size], tokenizer, max_prompt_tokens,
+                                   max_response_tokens, start=start)
+        c, r = pair_logps(ref_model, batch, average)
+        chosen.append(c.cpu())
+        rejected.append(r.cpu())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def dpo_metrics(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor,
+                policy_chosen_logps: Tensor, policy_rejected_logps: Tensor) -> dict[str, float]:
+    """The batch means TRL's DPOTrainer logs, under the same names."""
+    return {
+        "loss": losses.mean().item(),
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        "logps/chosen": policy_chosen_logps.detach().mean().item(),
+        "logps/rejected": policy_rejected_logps.detach().mean().item(),
+    }
+
+
+def dpo_batch_loss(policy, batch: dict, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
+                   config: DPOConfig) -> tuple[Tensor, dict[str, float]]:
+    """Mean DPO loss of one concatenated batch (one forward pass) and its metrics."""
+    device = next(policy.parameters()).device
+    policy_chosen_logps, policy_rejected_logps = pair_logps(policy, batch, config.average_logps)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps.to(device), ref_rejected_logps.to(device),
+        beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+    metrics = dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+    return losses.mean(), metrics
+
+
+@torch.no_grad()
+def evaluate_pairs(policy, tokenizer, pairs, ref_logps: tuple[Tensor, Tensor], config: DPOConfig,
+                   batch_size: int = 64, **lengths) -> dict[str, float]:
+    """DPO metrics of `policy` on a whole set of pairs (e.g. the held-out pairs)."""
+    was_training = policy.training
+    policy.eval()
+    records = _records(pairs)
+    parts = []
+    for start in range(0, len(records), batch_size):
+        batch = concatenated_batch(records[start:start + batch_size], tokenizer, start=start, **lengths)
+        parts.append(pair_logps(policy, batch, config.average_logps))
+    policy_chosen_logps = torch.cat([p[0] for p in parts]).cpu()
+    policy_rejected_logps = torch.cat([p[1] for p in parts]).cpu()
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen_logps, policy_rejected_logps, *ref_logps, beta=config.beta,
+        loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+    policy.train(was_training)
+    return dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+
+
+def train_dpo(policy, tokenizer, train_pairs, config: DPOConfig = DPOConfig(), ref_model=None,
+              ref_logps: tuple[Tensor, Tensor] | None = None, eval_pairs=None,
+              eval_ref_logps: tuple[Tensor, Tensor] | None = None, max_prompt_tokens: int | None = None,
+              max_response_tokens: int | None = None, progress: bool = True) -> dict[str, list]:
+    """Train `policy` in place with DPO on preference pairs; return the history (dict of lists).
+
+    Reference log-probs come from `ref_logps` (precomputed) or are computed once here from
+    `ref_model`; either way the reference model is not run during training. History keys: "step",
+    TRL's metric names ("loss", "rewards/chosen", ..., "logps/rejected") for each training batch,
+    the same names prefixed "eval/" before training and every `eval_every` steps (with "eval_step"), and the cost
+    counters "seconds", "sequences" and "tokens" (tokens read by the policy).
+    """
+    lengths = dict(max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens)
+    records = _records(train_pairs)
+    if ref_logps is None:
+        if ref_model is None:
+            raise ValueError("train_dpo needs ref_logps or a ref_model to compute them")
+        ref_logps = precompute_ref_logps(ref_model, tokenizer, records, average=config.average_logps, **lengths)
+    if eval_pairs is not None and eval_ref_logps is None:
+        if ref_model is None:
+            raise ValueError("train_dpo needs eval_ref_logps or a ref_model for the held-out pairs")
+        eval_ref_logps = precompute_ref_logps(ref_model, tokenizer, eval_pairs, average=config.average_logps, **lengths)
+    if len(ref_logps[0]) != len(records):
+        raise ValueError(f"ref_logps has {len(ref_logps[0])} entries for {len(records)} pairs")
+
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+    history: dict[str, list] = {"step": [], "seconds": [], "sequences": [], "tokens": []}
+    if eval_pairs is not None and config.eval_every:  # the starting point: policy == reference
+        history["eval_step"] = [0]
+        for key, value in evaluate_pairs(policy, tokenizer, eval_pairs, eval_ref_logps, config, **lengths).items():
+            history[f"eval/{key}"] = [value]
+    order, cursor, tokens, start = torch.randperm(len(records), generator=generator), 0, 0, time.perf_counter()
+    policy.train()
+    for step in tqdm(range(config.num_steps), desc=f"DPO beta={config.beta}", disable=not progress):
+        if cursor + config.batch_size > len(order):  # a new epoch: reshuffle
+            order, cursor = torch.randperm(len(records), generator=generator), 0
+        index = order[cursor:cursor + config.batch_size]
+        cursor += config.batch_size
+        batch = concatenated_batch([records[i] for i in index], tokenizer, **lengths)
+        loss, metrics = dpo_batch_loss(policy, batch, ref_logps[0][index], ref_logps[1][index], config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        tokens += int(batch["attention_mask"].sum())
+        history["step"].append(step)
+        history["seconds"].append(time.perf_counter() - start)
+        history["sequences"].append(2 * (step + 1) * config.batch_size)
+        history["tokens"].append(tokens)
+        for key, value in metrics.items():
+            history.setdefault(key, []).append(value)
+        last = step == config.num_steps - 1
+        if eval_pairs is not None and config.eval_every and ((step + 1) % config.eval_every == 0 or last):
+            history.setdefault("eval_step", []).append(step + 1)
+            for key, value in evaluate_pairs(policy, tokenizer, eval_pairs, eval_ref_logps, config, **lengths).items():
+                history.setdefault(f"eval/{key}", []).append(value)
+    policy.eval()
+    return history
