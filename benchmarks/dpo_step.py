@@ -55,8 +55,9 @@ def build_model(name: str, tokenizer, device: str):
     if name == "tiny":
         model, _ = load_base_model(get_preset("tiny", device=device))
         return model
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=768, n_layer=12, n_head=12,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    # GPT-2 (124M) exactly: its 50,257-token vocabulary (our ids are a subset), random weights
+    config = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.eos_token_id,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     return disable_dropout(GPT2LMHeadModel(config)).to(device)
