@@ -116,12 +116,12 @@ class DPOConfig:
     loss_type: str = "sigmoid"  # "sigmoid" (DPO), "hinge" (SLiC) or "ipo"
     label_smoothing: float = 0.0  # eps of conservative DPO (sigmoid loss only)
     average_logps: bool = False  # mean instead of sum of token log-probs (IPO-style); sum is the paper's
-    num_steps: int = 150  # optimizer steps
+    num_steps: int = 60  # optimizer steps (60 x 32 pairs: each pair of the tiny preset at most once)
     batch_size: int = 32  # preference pairs per step (2 x batch_size sequences in one forward pass)
-    lr: float = 5e-5  # peak learning rate of AdamW (linear warm-up, then constant, as the paper)
+    lr: float = 1e-4  # peak learning rate of AdamW (linear warm-up, then constant, as in the paper)
     warmup_steps: int = 10  # linear warm-up steps
     max_grad_norm: float = 1.0  # gradient clipping
-    eval_every: int = 25  # steps between evaluations on the held-out pairs (0: never)
+    eval_every: int = 30  # steps between evaluations on the held-out pairs (0: never)
     seed: int = 0  # seeds the order of the pairs
 
 
@@ -277,3 +277,21 @@ def train_dpo(policy, tokenizer, train_pairs, config: DPOConfig = DPOConfig(), r
                 history.setdefault(f"eval/{key}", []).append(value)
     policy.eval()
     return history
+
+
+DPO_CONFIGS = {
+    # CPU: under a minute on 2 cores; 1,920 of the tiny preset's ~2,400 training pairs, each once.
+    "tiny": DPOConfig(),
+    # GPU, GPT-2 (124M): the paper's batch of 64 pairs, its learning rate of 1e-6 and 150 warm-up steps.
+    "gpt2": DPOConfig(num_steps=1000, batch_size=64, lr=1e-6, warmup_steps=150, eval_every=100),
+}
+
+
+def dpo_config(preset=None, **overrides) -> DPOConfig:
+    """The DPO configuration of a preset (default: the current one), with fields replaced."""
+    from dataclasses import replace
+
+    from dpo_teach.presets import get_preset
+
+    preset = preset or get_preset()
+    return replace(DPO_CONFIGS[preset.name], **overrides)

@@ -292,3 +292,30 @@ def test_check_preferred_catches_a_reversed_judge_and_ties():
         check_preferred(reversed_judge)
     with pytest.raises(AssertionError, match="On a tie"):
         check_preferred(second_on_tie)
+
+
+def test_notebook_08_checks_catch_typical_mistakes():
+    from dpo_teach.checks import check_concatenated_logps, check_reward_accuracy
+    from dpo_teach.dpo import pair_logps
+
+    def right(model, batch):
+        return pair_logps(model, batch)
+
+    def averaged(model, batch):
+        return pair_logps(model, batch, average=True)
+
+    def swapped(model, batch):
+        return pair_logps(model, batch)[::-1]
+
+    def with_prompt(model, batch):
+        return pair_logps(model, dict(batch, loss_mask=batch["attention_mask"]))
+
+    check_concatenated_logps(right)
+    for wrong, message in ((averaged, "averaged"), (swapped, "swapped"), (with_prompt, "prompt tokens")):
+        with pytest.raises(AssertionError, match=message):
+            check_concatenated_logps(wrong)
+    check_reward_accuracy(lambda c, r: (c > r).float().mean())
+    with pytest.raises(AssertionError, match="ties count as correct"):
+        check_reward_accuracy(lambda c, r: (c >= r).float().mean())
+    with pytest.raises(AssertionError, match="counts the pairs"):
+        check_reward_accuracy(lambda c, r: (c > r).float().sum())
