@@ -1,0 +1,489 @@
+"""RLHF with PPO: rollouts, the KL-shaped reward, GAE, the clipped losses and a train loop, each a pure part.
+
+The objective is the one DPO starts from (COURSE.md, step 3):
+
+    max_pi  E_{x, y ~ pi} [ r(x, y) ]  -  kl_coef * KL( pi(.|x) || pi_ref(.|x) )
+
+optimised as in Ziegler et al. 2019 and InstructGPT (Ouyang et al. 2022) with PPO (Schulman et al.
+2017): each response is an episode whose actions are its tokens; token t earns the per-token KL
+penalty -kl_coef * (log pi(y_t|.) - log pi_ref(y_t|.)) and the last real token also earns the
+reward model's score; advantages come from GAE (Schulman et al. 2016) with a learnt value head.
+
+Conventions (COURSE.md): generation is left-padded, responses right-padded, masks come from lengths;
+dropout is off in every model; the reference model is frozen. Shapes: B prompts, P prompt positions,
+R response positions, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from dpo_teach.evaluation import position_ids_from_mask
+from dpo_teach.models import disable_dropout
+from dpo_teach.presets import seed_everything
+from dpo_teach.sampling import Generation, generate
+from dpo_teach.world import oracle_reward
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Sizes and coefficients of a PPO run. The defaults fit the CPU preset (about a minute)."""
+
+    num_steps: int = 40  # rollout batches: sample, score, then update on them
+    batch_size: int = 32  # prompts per rollout batch (one response each)
+    num_epochs: int = 2  # PPO passes over each rollout batch
+    num_minibatches: int = 2  # gradient steps per pass (each on batch_size / num_minibatches responses)
+    lr: float = 5e-5  # Adam learning rate of policy and value head (no weight decay)
+    kl_coef: float = 0.1  # weight of the per-token KL penalty (the paper's beta)
+    target_kl: float | None = None  # if set, adapt kl_coef towards this sequence KL (Ziegler et al. 2019)
+    kl_horizon: int = 10_000  # responses over which the adaptive controller closes the gap
+    gamma: float = 1.0  # discount over tokens (1: the score at the end counts fully at every token)
+    lam: float = 0.95  # GAE lambda: 0 = one-step TD (low variance, biased), 1 = Monte Carlo
+    clip_range: float = 0.2  # PPO clips the probability ratio to [1 - clip_range, 1 + clip_range]
+    value_clip: float | None = 0.2  # clip new values to old +- value_clip in the value loss (None: off)
+    vf_coef: float = 0.1  # weight of the value loss (it shares the policy's trunk)
+    entropy_coef: float = 0.0  # weight of an entropy bonus (0: the KL penalty already keeps entropy)
+    max_grad_norm: float = 1.0  # gradient clipping
+    whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over a batch's valid tokens
+    max_new_tokens: int = 40  # tokens sampled per response
+    max_prompt_tokens: int = 16  # prompts are cut from the left to this many tokens
+    temperature: float = 1.0  # sampling temperature (log-probs are those of the sampling distribution)
+    eval_every: int = 10  # call eval_fn after every this many steps and after the last (0: never)
+    seed: int = 0  # seeds sampling, prompt order and minibatch order
+
+
+# ---- The model: the policy plus a value head ------------------------------------------------------
+
+
+class PolicyWithValueHead(nn.Module):
+    """The policy (a causal LM) with a scalar value head V(s_t) on its last hidden state.
+
+    One forward pass gives the next-token logits and the value of every position, so the critic
+    costs one Linear(n_embd, 1) instead of a second transformer. The head starts at zero, so at the
+    first step the value loss does not pull on the shared trunk. Save or evaluate `self.policy`,
+    the plain language model; the head is only needed for training.
+    """
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+        width = policy.get_output_embeddings().in_features
+        self.value_head = nn.Linear(width, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits (B, T, V), values (B, T)) at every position."""
+        hidden = self.policy.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids).last_hidden_state  # (B, T, D)
+        logits = self.policy.get_output_embeddings()(hidden)  # (B, T, V)
+        values = self.value_head(hidden).squeeze(-1)  # (B, T)
+        return logits, values
+
+
+def response_logits_and_values(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                               response_mask: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor | None]:
+    """Logits (B, R, V) that predict each response token, and values (B, R) of the states before them.
+
+    The rows are [left-padded prompt | right-padded response]; position ids count real tokens only,
+    so left padding changes nothing. Position P - 1 + t (the token before response token t) predicts
+    response token t and holds the value V(s_t). `model` is a PolicyWithValueHead (values returned)
+    or a plain causal LM such as ref_model (values None). Logits are divided by the temperature, so
+    that log-probs are those of the distribution the responses were sampled from.
+    """
+    device = next(model.parameters()).device
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1).to(device)  # (B, P + R)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1).to(device)  # (B, P + R)
+    position_ids = position_ids_from_mask(attention_mask)  # (B, P + R)
+    num_prompt, num_response = prompt_ids.shape[1], response_ids.shape[1]
+    window = slice(num_prompt - 1, num_prompt + num_response - 1)
+    if isinstance(model, PolicyWithValueHead):
+        logits, values = model(input_ids, attention_mask, position_ids)
+        return logits[:, window] / temperature, values[:, window]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    return logits[:, window] / temperature, None
+
+
+def token_logps(logits: Tensor, response_ids: Tensor) -> Tensor:
+    """log pi(y_t | x, y_<t) of each response token. logits (B, R, V), response_ids (B, R) -> (B, R)."""
+    return torch.gather(logits.log_softmax(dim=-1), 2, response_ids.to(logits.device).unsqueeze(2)).squeeze(2)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy H(pi(.|s_t)) = logsumexp(z) - sum_v softmax(z)_v z_v of each position. (B, R, V) -> (B, R)."""
+    return torch.logsumexp(logits, dim=-1) - (logits.softmax(dim=-1) * logits).sum(dim=-1)
+
+
+# ---- Masked statistics ------------------------------------------------------------------------------
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` over the positions where mask is 1 (a scalar)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(values - mean) / std over the valid tokens only; masked positions become 0. Shape kept.
+
+    Padding must not enter the statistics: a batch of short responses would otherwise have its
+    mean dragged towards the zeros that stand after each response's end.
+    """
+    mask = mask.to(values.dtype)
+    count = mask.sum()
+    if count < 2:
+        raise ValueError("whiten needs at least two valid tokens")
+    mean = (values * mask).sum() / count
+    variance = (((values - mean) * mask) ** 2).sum() / (count - 1)  # unbiased
+    whitened = (values - mean) * torch.rsqrt(variance + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def _check_right_padded(mask: Tensor, name: str = "mask") -> None:
+    if mask.dim() != 2:
+        raise ValueError(f"{name} must have shape (B, T), got {tuple(mask.shape)}")
+    if (mask[:, 1:].long() > mask[:, :-1].long()).any():
+        raise ValueError(f"{name} must be right-padded: ones first, then zeros, in every row")
+    if (mask[:, 0] == 0).any():
+        raise ValueError(f"every row of {name} needs at least one token")
+
+
+# ---- Rewards: the KL estimators and the KL-shaped reward -------------------------------------------
+
+
+def kl_k1(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """k1 = log pi(y_t) - log pi_ref(y_t) per sampled token (Schulman 2020, "Approximating KL").
+
+    Unbiased: its mean over y ~ pi is KL(pi || pi_ref), and summed over a response it estimates the
+    sequence KL; but one sample can be negative, and its variance is high when pi is near pi_ref.
+    """
+    return logps - ref_logps
+
+
+def kl_k3(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """k3 = (r - 1) - log r with r = pi_ref(y_t) / pi(y_t) per sampled token.
+
+    Also unbiased for KL(pi || pi_ref) (E_pi[r - 1] = 0), never negative, and of lower variance
+    near pi_ref. exp(d) - 1 - d is computed as expm1(d) - d: with exp(d) - 1 the 1 cancels
+    catastrophically for small d and the result can even come out negative.
+    """
+    log_ratio = ref_logps - logps  # log r
+    return torch.expm1(log_ratio) - log_ratio
+
+
+def kl_penalty_rewards(scores: Tensor, logps: Tensor, ref_logps: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """Per-token rewards: -kl_coef * k1 on every response token, plus the score on the last one.
+
+    scores (B,): the reward of each full response; logps, ref_logps, mask (B, R), right-padded.
+    The score goes to the response's last REAL token: its EOS, or its last token when generation
+    hit the length limit. It must not go one position further: that position is padding, which
+    no loss sees, so the policy would never be rewarded (or, when it falls beyond the tensor,
+    it would wrap to another position). Padding positions get 0. Returns (B, R).
+    """
+    _check_right_padded(mask)
+    mask = mask.to(logps.dtype)
+    rewards = -kl_coef * kl_k1(logps, ref_logps) * mask  # (B, R)
+    last = mask.sum(dim=1).long() - 1  # (B,) index of the last real token, from the lengths
+    rows = torch.arange(len(rewards), device=rewards.device)
+    return rewards.index_put((rows, last), rewards[rows, last] + scores.to(rewards))
+
+
+# ---- Generalised advantage estimation ------------------------------------------------------------
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) for right-padded (B, T) tensors.
+
+        delta_t = r_t + gamma * V_{t+1} - V_t           (V after a response's last token is 0)
+        A_t     = delta_t + gamma * lam * A_{t+1}      (A after the last token is 0)
+        returns_t = A_t + V_t                           (the value head's regression target)
+
+    Positions after each response's end are ignored: whatever rewards and values hold there never
+    enter, and advantages and returns are 0 there. Returns (advantages, returns), both (B, T).
+    """
+    if rewards.shape != values.shape or rewards.shape != mask.shape:
+        raise ValueError(f"rewards, values and mask must have one shape (B, T), got "
+                         f"{tuple(rewards.shape)}, {tuple(values.shape)}, {tuple(mask.shape)}")
+    _check_right_padded(mask)
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask  # nothing after the end enters
+    num_tokens = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])  # (B,)
+    for t in reversed(range(num_tokens)):
+        next_value = values[:, t + 1] if t + 1 < num_tokens else torch.zeros_like(next_advantage)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+# ---- The PPO losses -----------------------------------------------------------------------------
+
+
+def policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor,
+                clip_range: float = 0.2) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO's clipped surrogate loss (Schulman et al. 2017, Eq. 7), as a mean over valid tokens.
+
+        ratio_t = pi(y_t|s_t) / pi_old(y_t|s_t) = exp(logps - old_logps)
+        loss    = -mean_t min( ratio_t A_t, clip(ratio_t, 1 - eps, 1 + eps) A_t )
+
+    The min takes the pessimistic of the two, so moving the ratio beyond 1 +- eps in the direction
+    the advantage favours earns nothing more. logps, old_logps, advantages, mask: (B, T).
+    Returns (loss: scalar, clip_fraction: share of tokens where the clipped term was chosen,
+    approx_kl: k3 estimate of KL(pi_old || pi) on these tokens), the last two detached.
+    """
+    mask = mask.to(logps.dtype)
+    log_ratio = torch.where(mask.bool(), logps - old_logps, torch.zeros_like(logps))  # (B, T)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped > unclipped).to(logps.dtype), mask)
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    return loss, clip_fraction, approx_kl
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+               value_clip: float | None = 0.2) -> tuple[Tensor, Tensor]:
+    """0.5 * mean_t (V_t - returns_t)^2 over valid tokens, clipped like the policy when value_clip is set.
+
+    With clipping, the new value may move at most value_clip away from the value recorded at
+    rollout time, and the larger of the clipped and unclipped errors is taken (as in OpenAI's
+    baselines and TRL). Returns (loss: scalar, clip_fraction: share of tokens where clipping bit).
+    """
+    mask = mask.to(values.dtype)
+    unclipped = (values - returns) ** 2
+    if value_clip is None:
+        return 0.5 * masked_mean(unclipped, mask), torch.zeros((), dtype=values.dtype)
+    clipped_values = old_values + (values - old_values).clamp(-value_clip, value_clip)
+    clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped > unclipped).to(values.dtype), mask)
+    return loss, clip_fraction
+
+
+def update_kl_coef(kl_coef: float, kl: float, target_kl: float, horizon: int, batch_size: int) -> float:
+    """The adaptive KL controller of Ziegler et al. 2019: raise kl_coef when the KL exceeds its target.
+
+        kl_coef <- kl_coef * (1 + clip(kl / target_kl - 1, -0.2, 0.2) * batch_size / horizon)
+    """
+    error = min(max(kl / target_kl - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * batch_size / horizon)
+
+
+# ---- Reward sources ------------------------------------------------------------------------------
+
+
+RewardFn = Callable[[Generation], Tensor]  # a Generation in, one score per response out: (B,)
+
+
+def pack_right(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+               pad_id: int) -> tuple[Tensor, Tensor]:
+    """Re-pack [left-padded prompt | right-padded response] rows as right-padded rows
+    [prompt | response | pad], the layout build_batch gives and the reward model was trained on.
+    Returns (input_ids, attention_mask), both (B, P + R) or narrower."""
+    prompt_lengths, response_lengths = prompt_mask.sum(1), response_mask.sum(1)
+    lengths = prompt_lengths + response_lengths
+    input_ids = torch.full((len(lengths), int(lengths.max())), pad_id, dtype=torch.long)
+    num_prompt = prompt_ids.shape[1]
+    for i, (p, r) in enumerate(zip(prompt_lengths.tolist(), response_lengths.tolist(), strict=True)):
+        input_ids[i, :p] = prompt_ids[i, num_prompt - p:]
+        input_ids[i, p:p + r] = response_ids[i, :r]
+    attention_mask = (torch.arange(input_ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    return input_ids, attention_mask
+
+
+def reward_model_fn(reward_model: nn.Module, pad_id: int) -> RewardFn:
+    """Score responses with a reward model that reads right-padded (input_ids, attention_mask) and
+    returns one score per row from its last real token. It reads the sampled ids themselves (no
+    decode and re-encode) in the layout it was trained on: EOS + prompt + response (+ EOS)."""
+    disable_dropout(reward_model).eval()
+
+    @torch.no_grad()
+    def score(generation: Generation) -> Tensor:
+        device = next(reward_model.parameters()).device
+        input_ids, attention_mask = pack_right(generation.prompt_ids, generation.prompt_mask,
+                                               generation.response_ids, generation.response_mask, pad_id)
+        return reward_model(input_ids.to(device), attention_mask.to(device)).float().cpu()
+
+    return score
+
+
+def oracle_fn(generation: Generation) -> Tensor:
+    """Score responses with the oracle itself (VADER on prompt + response): the paper's "PPO-GT"."""
+    return oracle_reward(generation.full_texts)
+
+
+# ---- Rollouts ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses with what PPO needs about them, all recorded at sampling time."""
+
+    generation: Generation  # prompts, texts, left-padded prompt ids/mask (B, P), right-padded response ids/mask (B, R)
+    logps: Tensor  # (B, R) log pi_old(y_t | s_t): the policy that sampled (PPO's old_logps)
+    ref_logps: Tensor  # (B, R) log pi_ref(y_t | s_t)
+    values: Tensor  # (B, R) V_old(s_t) from the value head
+    scores: Tensor  # (B,) the reward source's score of each full response
+
+    @property
+    def mask(self) -> Tensor:
+        return self.generation.response_mask
+
+
+@torch.no_grad()
+def rollout(model: PolicyWithValueHead, ref_model: nn.Module, reward_fn: RewardFn, tokenizer, prompts: list[str],
+            config: PPOConfig) -> Rollout:
+    """Sample one response per prompt with the current policy and record log-probs, values and scores."""
+    generation = generate(model.policy, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+                          temperature=config.temperature, top_k=0, top_p=1.0,
+                          max_prompt_tokens=config.max_prompt_tokens, batch_size=len(prompts))
+    ids = (generation.prompt_ids, generation.prompt_mask, generation.response_ids, generation.response_mask)
+    logits, values = response_logits_and_values(model, *ids, temperature=config.temperature)
+    ref_logits, _ = response_logits_and_values(ref_model, *ids, temperature=config.temperature)
+    mask = generation.response_mask.to(logits.device).float()
+    logps = token_logps(logits, generation.response_ids) * mask  # (B, R)
+    ref_logps = token_logps(ref_logits, generation.response_ids) * mask  # (B, R)
+    scores = reward_fn(generation).float()  # (B,)
+    return Rollout(generation, logps.cpu(), ref_logps.cpu(), (values * mask).cpu(), scores)
+
+
+def _rows(rollout: Rollout, index: Tensor) -> tuple[Tensor, ...]:
+    """Some rows of a rollout, with the all-padding columns at the left of the prompts and at
+    the right of the responses trimmed (less to compute on a CPU; the result does not change)."""
+    g = rollout.generation
+    prompt_ids, prompt_mask = g.prompt_ids[index], g.prompt_mask[index]
+    response_ids, response_mask = g.response_ids[index], g.response_mask[index]
+    first = int((prompt_mask.sum(0) > 0).nonzero().min())
+    width = int(response_mask.sum(1).max())
+    return (prompt_ids[:, first:], prompt_mask[:, first:], response_ids[:, :width], response_mask[:, :width],
+            rollout.logps[index, :width], rollout.values[index, :width])
+
+
+def ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, rollout: Rollout, advantages: Tensor,
+               returns: Tensor, config: PPOConfig, generator: torch.Generator | None = None) -> dict[str, float]:
+    """num_epochs passes over the rollout in num_minibatches shuffled minibatches, one gradient step
+    each on  policy_loss + vf_coef * value_loss - entropy_coef * entropy. Returns mean statistics."""
+    num = len(rollout.scores)
+    if num % config.num_minibatches:
+        raise ValueError(f"batch_size {num} is not divisible by num_minibatches {config.num_minibatches}")
+    device = next(model.parameters()).device
+    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clip_fraction",
+                                                    "approx_kl", "value_clip_fraction")}
+    # the model stays in eval mode: with dropout off (COURSE.md) train and eval mode compute the same
+    for _ in range(config.num_epochs):
+        for index in torch.randperm(num, generator=generator).chunk(config.num_minibatches):
+            prompt_ids, prompt_mask, response_ids, response_mask, old_logps, old_values = _rows(rollout, index)
+            width = response_ids.shape[1]
+            logits, values = response_logits_and_values(model, prompt_ids, prompt_mask, response_ids,
+                                                        response_mask, temperature=config.temperature)
+            mask = response_mask.to(device)
+            logps = token_logps(logits, response_ids)  # (b, r)
+            pg_loss, clip_fraction, approx_kl = policy_loss(logps, old_logps.to(device), advantages[index, :width].to(device),
+                                                            mask, config.clip_range)
+            vf_loss, value_clip_fraction = value_loss(values, old_values.to(device), returns[index, :width].to(device),
+                                                      mask, config.value_clip)
+            entropy = masked_mean(entropy_from_logits(logits), mask)
+            loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * entropy
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            for key, value in zip(stats, (pg_loss, vf_loss, entropy, clip_fraction, approx_kl, value_clip_fraction),
+                                  strict=True):
+                stats[key].append(float(value.detach()))
+    return {key: sum(v) / len(v) for key, v in stats.items()}
+
+
+# ---- Training --------------------------------------------------------------------------------------
+
+
+def peak_memory_mb(device: str | torch.device = "cpu") -> float:
+    """Peak memory so far: torch's peak allocation on a CUDA device, else this process's peak
+    resident set size (everything the process holds, not only the models)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def train_ppo(policy: nn.Module, ref_model: nn.Module, reward: nn.Module | RewardFn, tokenizer, prompts: list[str],
+              config: PPOConfig = PPOConfig(), eval_fn: Callable[[nn.Module], dict] | None = None,
+              progress: bool = True) -> dict[str, list]:
+    """Train `policy` (in place) with PPO against `reward` and return the history (dict of lists).
+
+    reward: a reward model (nn.Module, scored on the sampled ids, see reward_model_fn) or any
+    function Generation -> (B,) scores, e.g. `oracle_fn` ("PPO-GT"). A value head is put on the
+    policy for training (PolicyWithValueHead); the policy itself stays a plain LM. eval_fn(policy)
+    -> dict of numbers (e.g. evaluation.evaluate_policy on held-out prompts) is called every
+    config.eval_every steps and after the last; it runs with its own random stream, so it does not
+    change the training run. Per step the history holds the reward source's score, the oracle
+    reward and KL to ref_model of the rollout's samples, the PPO statistics, and cost counters
+    (cumulative wall seconds, tokens generated, sequences through forward/backward passes, peak
+    memory); eval results sit under "eval_step" and "eval_<key>".
+    """
+    seed_everything(config.seed)
+    for m in (policy, ref_model):
+        disable_dropout(m).eval()
+    ref_model.requires_grad_(False)
+    model = PolicyWithValueHead(policy).to(next(policy.parameters()).device)
+    reward_fn = reward_model_fn(reward, tokenizer.pad_token_id) if isinstance(reward, nn.Module) else reward
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(len(prompts), generator=generator).tolist()
+    num_models = 3 if isinstance(reward, nn.Module) else 2  # policy (+ value head), ref_model (+ reward model)
+    history: dict[str, list] = {}
+    kl_coef, seconds, tokens, forward, backward, cursor = config.kl_coef, 0.0, 0, 0, 0, 0
+    bar = tqdm(range(1, config.num_steps + 1), desc="PPO", disable=not progress)
+    for step in bar:
+        start = time.perf_counter()
+        if cursor + config.batch_size > len(order):  # a new pass over the prompts, in a new order
+            order, cursor = torch.randperm(len(prompts), generator=generator).tolist(), 0
+        batch_prompts = [prompts[i] for i in order[cursor:cursor + config.batch_size]]
+        cursor += config.batch_size
+        batch = rollout(model, ref_model, reward_fn, tokenizer, batch_prompts, config)
+        rewards = kl_penalty_rewards(batch.scores, batch.logps, batch.ref_logps, batch.mask, kl_coef)
+        advantages, returns = gae(rewards, batch.values, batch.mask, config.gamma, config.lam)
+        if config.whiten_advantages:
+            advantages = whiten(advantages, batch.mask)
+        stats = ppo_update(model, optimizer, batch, advantages, returns, config, generator)
+        seconds += time.perf_counter() - start
+        tokens += batch.generation.num_tokens
+        forward += config.batch_size * (2 + isinstance(reward, nn.Module) + config.num_epochs)
+        backward += config.batch_size * config.num_epochs
+        sequence_kl = kl_k1(batch.logps, batch.ref_logps).sum(1)  # (B,) log pi(y|x) - log pi_ref(y|x)
+        row = {"step": step, "score": batch.scores.mean().item(),
+               "oracle_reward": oracle_reward(batch.generation.full_texts).mean().item(),
+               "kl": sequence_kl.mean().item(), "kl_coef": kl_coef,
+               "response_length": batch.mask.sum(1).float().mean().item(), **stats,
+               "wall_seconds": seconds, "tokens_generated": tokens, "forward_sequences": forward,
+               "backward_sequences": backward, "num_models": num_models, "peak_memory_mb": peak_memory_mb(next(policy.parameters()).device)}
+        for key, value in row.items():
+            history.setdefault(key, []).append(value)
+        if config.target_kl is not None:
+            kl_coef = update_kl_coef(kl_coef, row["kl"], config.target_kl, config.kl_horizon, config.batch_size)
+        if eval_fn is not None and config.eval_every and (step % config.eval_every == 0 or step == config.num_steps):
+            device = next(policy.parameters()).device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                evaluation = eval_fn(policy)
+            history.setdefault("eval_step", []).append(step)
+            for key, value in evaluation.items():
+                if isinstance(value, (int, float)):
+                    history.setdefault(f"eval_{key}", []).append(value)
+        bar.set_postfix(score=f"{row['score']:+.2f}", oracle=f"{row['oracle_reward']:+.2f}", kl=f"{row['kl']:.2f}")
+    return history
