@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dpo_teach.logps import build_batch, model_sequence_logps
+from dpo_teach.logps import build_batch, model_sequence_logps, shuffled_batches
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
@@ -241,7 +241,6 @@ def train_dpo(policy, tokenizer, train_pairs, config: DPOConfig = DPOConfig(), r
     if len(ref_logps[0]) != len(records):
         raise ValueError(f"ref_logps has {len(ref_logps[0])} entries for {len(records)} pairs")
 
-    generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
     history: dict[str, list] = {"step": [], "seconds": [], "sequences": [], "tokens": []}
@@ -249,13 +248,11 @@ def train_dpo(policy, tokenizer, train_pairs, config: DPOConfig = DPOConfig(), r
         history["eval_step"] = [0]
         for key, value in evaluate_pairs(policy, tokenizer, eval_pairs, eval_ref_logps, config, **lengths).items():
             history[f"eval/{key}"] = [value]
-    order, cursor, tokens, start = torch.randperm(len(records), generator=generator), 0, 0, time.perf_counter()
+    batches = shuffled_batches(len(records), config.batch_size, config.seed)
+    tokens, start = 0, time.perf_counter()
     policy.train()
-    for step in tqdm(range(config.num_steps), desc=f"DPO beta={config.beta}", disable=not progress):
-        if cursor + config.batch_size > len(order):  # a new epoch: reshuffle
-            order, cursor = torch.randperm(len(records), generator=generator), 0
-        index = order[cursor:cursor + config.batch_size]
-        cursor += config.batch_size
+    steps = tqdm(range(config.num_steps), desc=f"DPO beta={config.beta}", disable=not progress)
+    for step, index in zip(steps, batches):
         batch = concatenated_batch([records[i] for i in index], tokenizer, **lengths)
         loss, metrics = dpo_batch_loss(policy, batch, ref_logps[0][index], ref_logps[1][index], config)
         optimizer.zero_grad(set_to_none=True)

@@ -127,6 +127,18 @@ def build_batch(records: list[dict], tokenizer, response_key: str = "completion"
     }
 
 
+def shuffled_batches(num_items: int, batch_size: int, seed: int):
+    """Endless index lists of `batch_size` items: a seeded permutation, taken batch by batch, and a
+    new permutation (a new epoch) whenever the rest of the current one is too short for a batch."""
+    generator = torch.Generator().manual_seed(seed)
+    order, cursor = torch.randperm(num_items, generator=generator), 0
+    while True:
+        if cursor + batch_size > len(order):  # a new epoch: reshuffle
+            order, cursor = torch.randperm(num_items, generator=generator), 0
+        yield order[cursor:cursor + batch_size].tolist()
+        cursor += batch_size
+
+
 def model_sequence_logps(model, batch: dict, average: bool = False) -> torch.Tensor:
     """Run `model` on a right-padded batch from build_batch and return sequence_logps. Shape: (B,)."""
     device = next(model.parameters()).device

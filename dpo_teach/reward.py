@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2Model
 
 from dpo_teach.evaluation import position_ids_from_mask
-from dpo_teach.logps import build_batch, encode_prompt, encode_response
+from dpo_teach.logps import build_batch, encode_prompt, encode_response, shuffled_batches
 from dpo_teach.models import disable_dropout
 from dpo_teach.sft import lr_at, make_optimizer
 
@@ -166,7 +166,6 @@ def train_reward_model(reward_model: RewardModel, tokenizer, pairs, config: Rewa
     fields = set(pairs.column_names) if hasattr(pairs, "column_names") else set(pairs[0])
     if not {"prompt", "chosen", "rejected"} <= fields:
         raise ValueError(f"pairs need the fields 'prompt', 'chosen', 'rejected'; got {sorted(fields)}")
-    generator = torch.Generator().manual_seed(config.seed)
     optimizer = make_optimizer(reward_model, config)
     history = {"step": [], "loss": [], "accuracy": [], "margin": [], "lr": [], "eval_step": [], "eval_accuracy": []}
 
@@ -176,14 +175,11 @@ def train_reward_model(reward_model: RewardModel, tokenizer, pairs, config: Rewa
             history["eval_accuracy"].append(pairwise_accuracy(reward_model, tokenizer, eval_pairs, config))
 
     evaluate(0)
-    order, cursor = torch.randperm(len(pairs), generator=generator), 0
+    batches = shuffled_batches(len(pairs), config.batch_size, config.seed)
     reward_model.train()
     bar = tqdm(range(config.num_steps), desc="reward model")
-    for step in bar:
-        if cursor + config.batch_size > len(order):  # a new epoch: reshuffle
-            order, cursor = torch.randperm(len(pairs), generator=generator), 0
-        rows = _rows(pairs, order[cursor:cursor + config.batch_size].tolist())
-        cursor += config.batch_size
+    for step, index in zip(bar, batches):
+        rows = _rows(pairs, index)
         chosen_rewards, rejected_rewards = pair_rewards(reward_model, tokenizer, rows, config)  # (B,), (B,)
         loss = bradley_terry_loss(chosen_rewards, rejected_rewards).mean()
         for group in optimizer.param_groups:

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from dpo_teach.logps import _check_text, build_batch, model_sequence_logps, sequence_logps
+from dpo_teach.logps import (
+    _check_text,
+    build_batch,
+    model_sequence_logps,
+    sequence_logps,
+    shuffled_batches,
+)
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,6 @@ def train_sft(policy, tokenizer, records: list[dict], config: SFTConfig = SFTCon
         _check_text(record, i, "prompt", allow_empty=True)
         _check_text(record, i, response_key, allow_empty=False)
     device = next(policy.parameters()).device
-    generator = torch.Generator().manual_seed(config.seed)
     optimizer = make_optimizer(policy, config)
     history = {"step": [], "loss": [], "lr": [], "eval_step": [], "eval_perplexity": [], "num_truncated": 0}
 
@@ -123,14 +128,11 @@ def train_sft(policy, tokenizer, records: list[dict], config: SFTConfig = SFTCon
                 max_response_tokens=config.max_response_tokens))
 
     evaluate(0)
-    order, cursor = torch.randperm(len(records), generator=generator), 0
+    batches = shuffled_batches(len(records), config.batch_size, config.seed)
     policy.train()
     bar = tqdm(range(config.num_steps), desc="SFT")
-    for step in bar:
-        if cursor + config.batch_size > len(order):  # a new epoch: reshuffle
-            order, cursor = torch.randperm(len(records), generator=generator), 0
-        batch_records = [records[i] for i in order[cursor:cursor + config.batch_size].tolist()]
-        cursor += config.batch_size
+    for step, index in zip(bar, batches):
+        batch_records = [records[i] for i in index]
         batch = quiet_batch(batch_records, tokenizer, response_key, config)
         history["num_truncated"] += batch["num_truncated_responses"]
         logits = policy(input_ids=batch["input_ids"].to(device),
