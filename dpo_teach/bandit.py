@@ -165,6 +165,12 @@ def win_counts(prefs: Preferences, num_prompts: int, num_responses: int) -> Tens
     return counts
 
 
+def _precise_lbfgs(parameter: Tensor, num_steps: int) -> torch.optim.LBFGS:
+    """Full-batch L-BFGS with tolerances tight enough to compare its answer with closed forms."""
+    return torch.optim.LBFGS([parameter], lr=1.0, max_iter=num_steps, tolerance_grad=1e-12,
+                             tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+
 def fit_bt_rewards(
     prefs: Preferences,
     num_prompts: int,
@@ -182,14 +188,7 @@ def fit_bt_rewards(
     """
     counts = win_counts(prefs, num_prompts, num_responses).to(dtype)  # (P, K, K)
     reward = torch.zeros(num_prompts, num_responses, dtype=dtype, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [reward],
-        lr=1.0,
-        max_iter=num_steps,
-        tolerance_grad=1e-12,
-        tolerance_change=1e-15,
-        line_search_fn="strong_wolfe",
-    )
+    optimizer = _precise_lbfgs(reward, num_steps)
 
     def closure() -> Tensor:
         # mean over pairs of bt_nll, grouped: counts[x, w, l] pairs share the same term
@@ -219,14 +218,7 @@ def train_tabular_dpo(
     """
     ref_logps = torch.log(pi_ref)  # (P, K)
     logits = ref_logps.clone().requires_grad_(True)  # (P, K), the policy's parameters
-    optimizer = torch.optim.LBFGS(
-        [logits],
-        lr=1.0,
-        max_iter=num_steps,
-        tolerance_grad=1e-12,
-        tolerance_change=1e-15,
-        line_search_fn="strong_wolfe",
-    )
+    optimizer = _precise_lbfgs(logits, num_steps)
 
     def closure() -> Tensor:
         optimizer.zero_grad()
