@@ -1,0 +1,260 @@
+"""The student edition (dpo_teach/student.py): solutions become stubs, and every check then says so.
+
+Exercises are found in the notebooks at collection time, so a new notebook with exercises is tested
+without editing this file.
+"""
+
+import ast
+import hashlib
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from dpo_teach import student
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = REPO / "notebooks"
+MARKERS = (student.BEGIN, student.END)
+
+
+@dataclass(frozen=True)
+class Exercise:
+    notebook: str  # file name
+    cell: int  # index of the exercise cell
+    function: str  # the function the learner writes
+    solution: tuple[str, ...]  # the lines strictly between the markers
+    indent: str  # indentation of the BEGIN marker
+    check_cell: int | None  # index of the next code cell when it calls a check on the function
+
+    def __str__(self):
+        return f"{self.notebook[:2]}-{self.function}"
+
+
+def find_exercises(path: Path) -> list[Exercise]:
+    """The exercises of a notebook: code cells with a solution block, and the check cell after each."""
+    notebook = nbformat.read(path, as_version=4)
+    found = []
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code":
+            continue
+        lines = cell.source.splitlines()
+        begins = [i for i, line in enumerate(lines) if line.strip() == student.BEGIN]
+        ends = [i for i, line in enumerate(lines) if line.strip() == student.END]
+        for begin, end in zip(begins, ends, strict=True):
+            names = [m.group(1) for line in lines[:begin] if (m := re.match(r"\s*def\s+(\w+)\s*\(", line))]
+            function = names[-1] if names else ""
+            following = next((j for j in range(index + 1, len(notebook.cells))
+                              if notebook.cells[j].cell_type == "code"), None)
+            calls_check = following is not None and function and re.search(
+                rf"check_\w+\(\s*{function}\b", notebook.cells[following].source)
+            found.append(Exercise(path.name, index, function, tuple(lines[begin + 1:end]),
+                                  lines[begin][: len(lines[begin]) - len(lines[begin].lstrip())],
+                                  following if calls_check else None))
+    return found
+
+
+NOTEBOOK_PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
+EXERCISES = [exercise for path in NOTEBOOK_PATHS for exercise in find_exercises(path)]
+
+
+def digests() -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(NOTEBOOKS.glob("*.ipynb"))}
+
+
+@pytest.fixture(scope="module")
+def edition(tmp_path_factory):
+    """The student edition made twice (command line and function), with the sources' hashes around it."""
+    before = digests()
+    root = tmp_path_factory.mktemp("student")
+    cli = subprocess.run([sys.executable, "-m", "dpo_teach.student", "notebooks/", str(root / "cli")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    written = student.make_student_edition(NOTEBOOKS, root / "function")
+    after = digests()
+    return {"before": before, "after": after, "cli": cli, "cli_dir": root / "cli",
+            "function_dir": root / "function", "written": written}
+
+
+def read(path: Path) -> nbformat.NotebookNode:
+    return nbformat.read(path, as_version=4)
+
+
+# ---- (a) the command line and the function write valid notebooks without outputs -------------------
+
+
+def test_command_line_and_function_write_the_same_valid_notebooks(edition):
+    assert edition["cli"].returncode == 0, edition["cli"].stderr
+    names = [p.name for p in NOTEBOOK_PATHS]
+    assert [p.name for p in edition["written"]] == names
+    assert sorted(p.name for p in edition["cli_dir"].glob("*.ipynb")) == names
+    for name in names:
+        from_cli, from_function = edition["cli_dir"] / name, edition["function_dir"] / name
+        assert from_cli.read_bytes() == from_function.read_bytes(), name
+        nbformat.validate(read(from_cli))
+
+
+@pytest.mark.parametrize("name", [p.name for p in NOTEBOOK_PATHS])
+def test_outputs_cleared_and_everything_else_kept(edition, name):
+    original, copy = read(NOTEBOOKS / name), read(edition["function_dir"] / name)
+    assert copy.metadata == original.metadata
+    assert (copy.nbformat, copy.nbformat_minor) == (original.nbformat, original.nbformat_minor)
+    assert len(copy.cells) == len(original.cells)
+    exercise_cells = {e.cell for e in EXERCISES if e.notebook == name}
+    for index, (a, b) in enumerate(zip(original.cells, copy.cells, strict=True)):
+        assert (b.cell_type, b.get("id"), b.metadata) == (a.cell_type, a.get("id"), a.metadata), index
+        if b.cell_type == "code":
+            assert b.outputs == [] and b.execution_count is None, f"{name} cell {index} kept its outputs"
+            ast.parse(python_only(b.source))  # the stubbed cell is still valid Python
+        if index not in exercise_cells:
+            assert b.source == a.source, f"{name} cell {index} changed but holds no exercise"
+
+
+def python_only(source: str) -> str:
+    """The source with IPython magics (%matplotlib, !cmd) commented out, so that ast can read it."""
+    return "\n".join("# " + line if line.lstrip().startswith(("%", "!")) else line
+                     for line in source.splitlines())
+
+
+# ---- (b) no solution survives ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exercise", EXERCISES, ids=str)
+def test_no_solution_text_survives(edition, exercise):
+    cell = read(edition["function_dir"] / exercise.notebook).cells[exercise.cell]
+    student_lines = [line.strip() for line in cell.source.splitlines()]
+    for line in exercise.solution:
+        if line.strip():
+            assert line.strip() not in student_lines, f"solution line kept in {exercise}: {line.strip()!r}"
+    stub = cell.source.splitlines()
+    at = stub.index(exercise.indent + student.STUB_COMMENT)
+    assert stub[at + 1].startswith(exercise.indent + "raise NotImplementedError(")
+    assert exercise.function in stub[at + 1]
+
+
+def test_no_marker_left_anywhere(edition):
+    for path in sorted(edition["function_dir"].glob("*.ipynb")):
+        for index, cell in enumerate(read(path).cells):
+            if cell.cell_type == "code":
+                for line in cell.source.splitlines():
+                    assert line.strip() not in MARKERS, f"{path.name} cell {index} still has {line.strip()!r}"
+
+
+# ---- (c) each check explains that the function is not written yet ----------------------------------
+
+
+def imports_before(notebook: nbformat.NotebookNode, index: int) -> str:
+    """The top-level import statements of the code cells before cell `index`, in order.
+
+    This is the cheap stand-in for running the notebook up to the exercise: the exercise cells only
+    define a function and the check cells only import a checks module and call the check on it, so
+    imports are all the state they need (no model is loaded or trained).
+    """
+    statements = []
+    for cell in notebook.cells[:index]:
+        if cell.cell_type != "code":
+            continue
+        tree = ast.parse(python_only(cell.source))
+        statements += [ast.unparse(node) for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
+    return "\n".join(statements)
+
+
+def up_to_the_check(source: str, function: str) -> str:
+    """The check cell's statements up to and including the one calling check_*(function).
+
+    What follows the check in a cell (04's check cells, say, go on to use a batch built earlier in
+    the notebook) is never reached when the check raises, so it is left out instead of its state built.
+    """
+    tree = ast.parse(python_only(source))
+    for end, node in enumerate(tree.body):
+        for call in ast.walk(node):
+            if (isinstance(call, ast.Call) and re.search(r"check_\w+$", ast.unparse(call.func))
+                    and any(ast.unparse(arg) == function for arg in call.args)):
+                return "\n".join(ast.unparse(n) for n in tree.body[: end + 1])
+    raise AssertionError(f"the check cell does not call a check on {function}:\n{source}")
+
+
+@pytest.mark.parametrize("exercise", [e for e in EXERCISES if e.check_cell is not None], ids=str)
+def test_check_explains_the_stub(edition, exercise, capsys):
+    notebook = read(edition["function_dir"] / exercise.notebook)
+    namespace = {"__name__": "__main__"}
+    exec(imports_before(notebook, exercise.cell), namespace)
+    exec(notebook.cells[exercise.cell].source, namespace)  # defines the stubbed function
+    check = up_to_the_check(notebook.cells[exercise.check_cell].source, exercise.function)
+    with pytest.raises(AssertionError, match="not written yet") as raised:
+        exec(check, namespace)
+    assert isinstance(raised.value.__cause__, NotImplementedError), "the check did not reach the stub"
+    assert capsys.readouterr().out.count("✓") == 0  # no success line printed
+
+
+# ---- (d) the instructor notebooks are untouched ---------------------------------------------------
+
+
+def test_instructor_notebooks_unchanged(edition):
+    assert edition["after"] == edition["before"]
+
+
+# ---- (e) every notebook after the welcome has exercises, each followed by its check -----------------
+
+
+@pytest.mark.parametrize("name", [p.name for p in NOTEBOOK_PATHS if p.name[:2].isdigit() and int(p.name[:2]) >= 1])
+def test_each_notebook_has_two_checked_exercises(name):
+    exercises = [e for e in EXERCISES if e.notebook == name]
+    checked = [e for e in exercises if e.check_cell is not None]
+    assert len(checked) >= 2, f"{name}: {len(checked)} exercise(s) followed by a check cell, expected at least 2"
+    assert checked == exercises, f"{name}: exercises without a check cell after them: {set(exercises) - set(checked)}"
+
+
+# ---- the converter itself: stubs at the block's indentation, clear errors ---------------------------
+
+
+def write_notebook(folder: Path, name: str, *sources: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_markdown_cell("# exercise")]
+    notebook.cells += [nbformat.v4.new_code_cell(source, execution_count=1, outputs=[
+        nbformat.v4.new_output("stream", name="stdout", text="hello\n")]) for source in sources]
+    path = folder / name
+    nbformat.write(notebook, path)
+    return path
+
+
+def test_stub_keeps_the_indentation_and_handles_top_level_blocks(tmp_path):
+    in_loop = "def f(xs):\n    for x in xs:\n        ### BEGIN SOLUTION\n        print(x)\n        ### END SOLUTION\n    return 1\n"
+    top_level = "x = 1\n### BEGIN SOLUTION\ny = x + 1\n### END SOLUTION\n"
+    write_notebook(tmp_path / "src", "nb.ipynb", in_loop, top_level)
+    (path,) = student.make_student_edition(tmp_path / "src", tmp_path / "out")
+    cells = read(path).cells
+    assert cells[1].source == ('def f(xs):\n    for x in xs:\n        # YOUR CODE HERE\n'
+                               '        raise NotImplementedError("f: replace this line by your code")\n    return 1\n')
+    assert cells[2].source == 'x = 1\n# YOUR CODE HERE\nraise NotImplementedError("replace this line by your code")\n'
+    with pytest.raises(NotImplementedError):  # a top-level stub raises when the cell runs
+        exec(cells[2].source, {})
+    assert all(c.outputs == [] and c.execution_count is None for c in cells[1:])
+
+
+@pytest.mark.parametrize("source, message", [
+    ("def f():\n    ### BEGIN SOLUTION\n    return 1\n", r"cell 1: '### BEGIN SOLUTION' on line 2 has no matching"),
+    ("def f():\n    ### BEGIN SOLUTION\n    ### BEGIN SOLUTION\n    return 1\n    ### END SOLUTION\n",
+     r"cell 1: '### BEGIN SOLUTION' on line 3 is nested in the solution block opened on line 2"),
+    ("def f():\n    ### END SOLUTION\n    return 1\n    ### BEGIN SOLUTION\n",
+     r"cell 1: '### END SOLUTION' on line 2 has no '### BEGIN SOLUTION' before it"),
+])
+def test_unbalanced_markers_raise_a_clear_error(tmp_path, source, message, capsys):
+    write_notebook(tmp_path / "src", "bad.ipynb", source)
+    with pytest.raises(student.SolutionMarkerError, match=r"bad\.ipynb, " + message):
+        student.make_student_edition(tmp_path / "src", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written
+    assert student.main([str(tmp_path / "src"), str(tmp_path / "out")]) == 1
+    assert "bad.ipynb, cell 1" in capsys.readouterr().err
+
+
+def test_refuses_to_write_over_the_sources(tmp_path):
+    source = write_notebook(tmp_path, "nb.ipynb", "def f():\n    ### BEGIN SOLUTION\n    return 1\n    ### END SOLUTION\n")
+    before = source.read_bytes()
+    with pytest.raises(ValueError, match="overwrite"):
+        student.make_student_edition(tmp_path, tmp_path / ".")
+    assert source.read_bytes() == before
