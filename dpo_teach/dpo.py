@@ -32,6 +32,12 @@ def _check_inputs(
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
     if label_smoothing and loss_type != "sigmoid":
         raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, not {loss_type!r}")
+    _check_logps(named)
+
+
+def _check_logps(named: dict[str, Tensor]) -> None:
+    """Raise ValueError naming the argument when a tensor of per-example log-probs cannot be used:
+    each must be a floating-point torch.Tensor of shape (B,), all of the same B (variants.py too)."""
     for name, value in named.items():
         if not isinstance(value, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -45,7 +51,7 @@ def _check_inputs(
             )
     shapes = {name: tuple(value.shape) for name, value in named.items()}
     if len(set(shapes.values())) != 1:
-        raise ValueError(f"the four log-prob tensors must have the same shape (B,), got {shapes}")
+        raise ValueError(f"the log-prob tensors must have the same shape (B,), got {shapes}")
 
 
 def dpo_loss(
@@ -216,17 +222,156 @@ def evaluate_pairs(policy, tokenizer, pairs, ref_logps: tuple[Tensor, Tensor], c
     return dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
 
 
+@torch.no_grad()
+def probe_logps(model, tokenizer, records: list[dict], batch_size: int = 64, average: bool = False,
+                max_prompt_tokens: int | None = None, max_response_tokens: int | None = None) -> Tensor:
+    """log p(response | prompt) under `model` of each {"prompt", "response"} record, summed over
+    the response's tokens (EOS included). Shape: (N,). A probe of learning dynamics (Ren &
+    Sutherland, ICLR 2025): how training on some responses moves the probability of others."""
+    was_training = model.training
+    model.eval()
+    parts = []
+    for start in range(0, len(records), batch_size):
+        batch = build_batch(records[start:start + batch_size], tokenizer, "response", max_prompt_tokens,
+                            max_response_tokens, start=start)
+        parts.append(model_sequence_logps(model, batch, average=average).cpu())
+    model.train(was_training)
+    return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop: train_dpo, the variants (variants.py) and online DPO (online.py) share it.
+# What differs between them is one batch's loss (batch_step) and what is measured (evaluate).
+
+
+def make_optimizer(policy, config: DPOConfig):
+    """AdamW with a linear warm-up over config.warmup_steps, then a constant learning rate (as in
+    the DPO paper). Returns (optimizer, schedule)."""
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+    return optimizer, schedule
+
+
+def training_loop(policy, num_items: int, batch_size: int, config: DPOConfig, batch_step, evaluate=None,
+                  optimizer_schedule=None, desc: str = "", progress: bool = True) -> dict[str, list]:
+    """config.num_steps optimizer steps on seeded batches of item indices (logps.shuffled_batches).
+
+    batch_step(indices) -> (loss, metrics, sequences, tokens): the mean loss of the batch (with its
+    graph), its metrics, and how many sequences and tokens the policy read. evaluate() -> dict of
+    numbers, recorded under their own names with "eval_step" before training, every
+    config.eval_every steps and after the last step. `optimizer_schedule` = (optimizer, schedule)
+    carries them over from an earlier call (online rounds); by default a fresh make_optimizer.
+
+    Returns the history (dict of lists): "step", "seconds" (training time, evaluations excluded),
+    cumulative "sequences" and "tokens", each key of the batch metrics, and the evaluations.
+    """
+    optimizer, schedule = optimizer_schedule or make_optimizer(policy, config)
+    history: dict[str, list] = {"step": [], "seconds": [], "sequences": [], "tokens": []}
+
+    def record_eval(step: int) -> float:
+        """Record evaluate()'s numbers at `step` (nothing if it has none); return the seconds it took."""
+        start = time.perf_counter()
+        policy.eval()
+        results = evaluate()
+        if results:
+            history.setdefault("eval_step", []).append(step)
+            for key, value in results.items():
+                history.setdefault(key, []).append(value)
+        policy.train()
+        return time.perf_counter() - start
+
+    evaluating = evaluate is not None and config.eval_every
+    if evaluating:  # the starting point
+        record_eval(0)
+    batches = shuffled_batches(num_items, batch_size, config.seed)
+    sequences, tokens, eval_seconds, start = 0, 0, 0.0, time.perf_counter()
+    policy.train()
+    for step, index in zip(tqdm(range(config.num_steps), desc=desc, disable=not progress), batches):
+        loss, metrics, batch_sequences, batch_tokens = batch_step(index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        sequences, tokens = sequences + batch_sequences, tokens + batch_tokens
+        history["step"].append(step)
+        history["seconds"].append(time.perf_counter() - start - eval_seconds)  # evaluations excluded
+        history["sequences"].append(sequences)
+        history["tokens"].append(tokens)
+        for key, value in metrics.items():
+            history.setdefault(key, []).append(value)
+        if evaluating and ((step + 1) % config.eval_every == 0 or step == config.num_steps - 1):
+            eval_seconds += record_eval(step + 1)
+    policy.eval()
+    return history
+
+
+def dpo_batch_step(policy, tokenizer, records: list[dict], ref_logps: tuple[Tensor, Tensor], config: DPOConfig,
+                   **lengths):
+    """training_loop's batch_step for DPO on `records` with their precomputed reference log-probs:
+    one concatenated batch of the chosen and rejected responses, one forward pass, dpo_batch_loss."""
+    def batch_step(index: list[int]):
+        batch = concatenated_batch([records[i] for i in index], tokenizer, **lengths)
+        loss, metrics = dpo_batch_loss(policy, batch, ref_logps[0][index], ref_logps[1][index], config)
+        return loss, metrics, 2 * len(index), int(batch["attention_mask"].sum())
+
+    return batch_step
+
+
+def eval_fn_numbers(policy, eval_fn) -> dict[str, float]:
+    """The numbers of eval_fn(policy) (other values, e.g. sample texts, are dropped; a single number
+    is named "value"), computed in a forked random stream: sampling inside eval_fn does not change
+    the random numbers training draws afterwards."""
+    device = next(policy.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        results = eval_fn(policy)
+    if not isinstance(results, dict):
+        results = {"value": results}
+    return {key: value for key, value in results.items() if isinstance(value, (int, float))}
+
+
+def eval_callbacks(policy, tokenizer, probes: dict[str, list[dict]] | None, eval_fn, **lengths) -> dict:
+    """What every trainer records at its evaluation points besides its held-out metrics:
+    eval_fn(policy)'s numbers under "eval/<key>" (see eval_fn_numbers) and the mean sequence
+    log-prob of each probe set under "probe/<name>" (see probe_logps)."""
+    results = {}
+    if eval_fn is not None:
+        results.update({f"eval/{key}": value for key, value in eval_fn_numbers(policy, eval_fn).items()})
+    for name, records in (probes or {}).items():
+        results[f"probe/{name}"] = probe_logps(policy, tokenizer, records, **lengths).mean().item()
+    return results
+
+
+def make_evaluate(policy, tokenizer, held_out, probes: dict[str, list[dict]] | None, eval_fn, **lengths):
+    """training_loop's evaluate: held_out()'s metrics (on the held-out pairs) under "eval/<key>",
+    then eval_callbacks. None when there is nothing to measure (no held_out, probes or eval_fn)."""
+    if held_out is None and not probes and eval_fn is None:
+        return None
+
+    def evaluate() -> dict[str, float]:
+        results = {f"eval/{key}": value for key, value in held_out().items()} if held_out else {}
+        return {**results, **eval_callbacks(policy, tokenizer, probes, eval_fn, **lengths)}
+
+    return evaluate
+
+
 def train_dpo(policy, tokenizer, train_pairs, config: DPOConfig = DPOConfig(), ref_model=None,
               ref_logps: tuple[Tensor, Tensor] | None = None, eval_pairs=None,
               eval_ref_logps: tuple[Tensor, Tensor] | None = None, max_prompt_tokens: int | None = None,
-              max_response_tokens: int | None = None, progress: bool = True) -> dict[str, list]:
+              max_response_tokens: int | None = None, progress: bool = True,
+              eval_fn=None, probes: dict[str, list[dict]] | None = None) -> dict[str, list]:
     """Train `policy` in place with DPO on preference pairs; return the history (dict of lists).
 
     Reference log-probs come from `ref_logps` (precomputed) or are computed once here from
     `ref_model`; either way the reference model is not run during training. History keys: "step",
     TRL's metric names ("loss", "rewards/chosen", ..., "logps/rejected") for each training batch,
     the same names prefixed "eval/" before training and every `eval_every` steps (with "eval_step"), and the cost
-    counters "seconds", "sequences" and "tokens" (tokens read by the policy).
+    counters "seconds" (training only, evaluations excluded), "sequences" and "tokens" (what the
+    policy read). eval_fn(policy) -> dict of numbers (e.g. oracle reward and KL of fresh samples)
+    is called at the same points as the held-out evaluation (before training and every
+    `eval_every` steps), in a forked random stream; its numbers go under "eval/<key>". probes maps
+    a name to {"prompt", "response"} records: at the same points, the mean of their probe_logps
+    under the policy goes under "probe/<name>" (it changes nothing in training).
     """
     lengths = dict(max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens)
     records = _records(train_pairs)
@@ -241,39 +386,14 @@ def train_dpo(policy, tokenizer, train_pairs, config: DPOConfig = DPOConfig(), r
     if len(ref_logps[0]) != len(records):
         raise ValueError(f"ref_logps has {len(ref_logps[0])} entries for {len(records)} pairs")
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
-    history: dict[str, list] = {"step": [], "seconds": [], "sequences": [], "tokens": []}
-    if eval_pairs is not None and config.eval_every:  # the starting point: policy == reference
-        history["eval_step"] = [0]
-        for key, value in evaluate_pairs(policy, tokenizer, eval_pairs, eval_ref_logps, config, **lengths).items():
-            history[f"eval/{key}"] = [value]
-    batches = shuffled_batches(len(records), config.batch_size, config.seed)
-    tokens, start = 0, time.perf_counter()
-    policy.train()
-    steps = tqdm(range(config.num_steps), desc=f"DPO beta={config.beta}", disable=not progress)
-    for step, index in zip(steps, batches):
-        batch = concatenated_batch([records[i] for i in index], tokenizer, **lengths)
-        loss, metrics = dpo_batch_loss(policy, batch, ref_logps[0][index], ref_logps[1][index], config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        tokens += int(batch["attention_mask"].sum())
-        history["step"].append(step)
-        history["seconds"].append(time.perf_counter() - start)
-        history["sequences"].append(2 * (step + 1) * config.batch_size)
-        history["tokens"].append(tokens)
-        for key, value in metrics.items():
-            history.setdefault(key, []).append(value)
-        last = step == config.num_steps - 1
-        if eval_pairs is not None and config.eval_every and ((step + 1) % config.eval_every == 0 or last):
-            history.setdefault("eval_step", []).append(step + 1)
-            for key, value in evaluate_pairs(policy, tokenizer, eval_pairs, eval_ref_logps, config, **lengths).items():
-                history.setdefault(f"eval/{key}", []).append(value)
-    policy.eval()
-    return history
+    def held_out() -> dict[str, float]:
+        return evaluate_pairs(policy, tokenizer, eval_pairs, eval_ref_logps, config, **lengths)
+
+    batch_step = dpo_batch_step(policy, tokenizer, records, ref_logps, config, **lengths)
+    evaluate = make_evaluate(policy, tokenizer, held_out if eval_pairs is not None else None, probes, eval_fn,
+                             **lengths)
+    return training_loop(policy, len(records), config.batch_size, config, batch_step, evaluate,
+                         desc=f"DPO beta={config.beta}", progress=progress)
 
 
 DPO_CONFIGS = {

@@ -11,17 +11,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dpo_teach import dpo
 from dpo_teach.dpo import (
     DPOConfig,
     concatenated_batch,
+    dpo_batch_loss,
     dpo_loss,
     dpo_metrics,
+    evaluate_pairs,
     pair_logps,
     precompute_ref_logps,
     train_dpo,
 )
-from dpo_teach.logps import build_batch, model_sequence_logps, sequence_logps
+from dpo_teach.logps import build_batch, model_sequence_logps, sequence_logps, shuffled_batches
 from dpo_teach.models import frozen_copy
+from dpo_teach.variants import train_variant, variant_config
 
 PAIRS = [
     {"prompt": "I watched", "chosen": " a great film. Highly recommended.", "rejected": " a dull film."},
@@ -97,6 +101,82 @@ def test_training_is_deterministic(tiny_model, tokenizer):
         runs.append(train_dpo(policy, tokenizer, PAIRS, DPOConfig(num_steps=5, batch_size=4, lr=1e-3),
                               ref_model=frozen_copy(tiny_model), progress=False)["loss"])
     assert runs[0] == runs[1]
+
+
+def test_train_dpo_is_the_loop_written_out(tiny_model, tokenizer):
+    """train_dpo (dpo.training_loop), train_variant("sigmoid") and the loop written out by hand on
+    the same seeded batches, with the same AdamW and warm-up: every number of the history is the
+    same, to the last bit, and so are the trained weights."""
+    config = DPOConfig(num_steps=7, batch_size=4, lr=2e-3, warmup_steps=3, eval_every=3, seed=1)
+    ref = frozen_copy(tiny_model)
+    ref_logps = precompute_ref_logps(ref, tokenizer, PAIRS)
+    eval_ref_logps = precompute_ref_logps(ref, tokenizer, PAIRS[:4])
+
+    policy = copy.deepcopy(tiny_model)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / config.warmup_steps))
+    by_hand = defaultdict(list)
+
+    def evaluate(step):
+        by_hand["eval_step"].append(step)
+        for key, value in evaluate_pairs(policy, tokenizer, PAIRS[:4], eval_ref_logps, config).items():
+            by_hand[f"eval/{key}"].append(value)
+
+    evaluate(0)
+    policy.train()
+    tokens = 0
+    for step, index in zip(range(config.num_steps), shuffled_batches(len(PAIRS), config.batch_size, config.seed)):
+        batch = concatenated_batch([PAIRS[i] for i in index], tokenizer)
+        loss, metrics = dpo_batch_loss(policy, batch, ref_logps[0][index], ref_logps[1][index], config)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        tokens += int(batch["attention_mask"].sum())
+        by_hand["step"].append(step)
+        by_hand["sequences"].append(2 * (step + 1) * config.batch_size)
+        by_hand["tokens"].append(tokens)
+        for key, value in metrics.items():
+            by_hand[key].append(value)
+        if (step + 1) % config.eval_every == 0 or step == config.num_steps - 1:
+            evaluate(step + 1)
+
+    for train, run_config in ((train_dpo, config), (train_variant, variant_config("sigmoid", config))):
+        trained = copy.deepcopy(tiny_model)
+        history = train(trained, tokenizer, PAIRS, run_config, ref_logps=ref_logps, eval_pairs=PAIRS[:4],
+                        eval_ref_logps=eval_ref_logps, progress=False)
+        assert list(history)[:5] == ["step", "seconds", "sequences", "tokens", "eval_step"], train.__name__
+        assert {key: value for key, value in history.items() if key != "seconds"} == dict(by_hand), train.__name__
+        assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), policy.parameters())), train.__name__
+    assert by_hand["eval_step"] == [0, 3, 6, 7] and by_hand["loss"][0] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_seconds_exclude_evaluation_and_eval_fn_changes_nothing(tiny_model, tokenizer, monkeypatch):
+    """A clock that only evaluations move: the training itself then took no time. eval_fn draws
+    random numbers, in a forked stream, so the losses are those of a run without it."""
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(dpo, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+
+    def slow_eval_fn(policy):
+        clock.now += 100.0
+        return {"random": torch.rand(()).item()}
+
+    config = DPOConfig(num_steps=4, batch_size=4, lr=1e-3, eval_every=2)
+    ref_logps = precompute_ref_logps(tiny_model, tokenizer, PAIRS)
+    history = train_dpo(copy.deepcopy(tiny_model), tokenizer, PAIRS, config, ref_logps=ref_logps,
+                        eval_fn=slow_eval_fn, progress=False)
+    plain = train_dpo(copy.deepcopy(tiny_model), tokenizer, PAIRS, config, ref_logps=ref_logps, progress=False)
+    assert clock.now == 300.0 and history["eval_step"] == [0, 2, 4] and len(history["eval/random"]) == 3
+    assert history["seconds"] == [0.0] * 4
+    assert history["loss"] == plain["loss"]
+
+
+def test_sequences_count_what_the_policy_read(tiny_model, tokenizer):
+    """Fewer pairs than batch_size: each batch is all 3 pairs, 6 sequences."""
+    history = train_dpo(copy.deepcopy(tiny_model), tokenizer, PAIRS[:3], DPOConfig(num_steps=2, batch_size=4),
+                        ref_model=frozen_copy(tiny_model), progress=False)
+    assert history["sequences"] == [6, 12]
 
 
 def test_bad_input_is_named(tiny_model, tokenizer):
