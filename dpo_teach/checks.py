@@ -829,3 +829,176 @@ def check_reward_accuracy(reward_accuracy: Callable) -> None:
         ],
     )
     compare_with_reference(reward_accuracy, case)
+
+
+# ---- Notebook 09: DPO against PPO on the frontier --------------------------------------------------
+
+
+
+class _Frontier:
+    """The references of notebook 09, imported on first use (dpo_teach.frontier pulls in the whole pipeline)."""
+
+    def __getattr__(self, name):
+        from dpo_teach import frontier
+
+        return getattr(frontier, name)
+
+
+_frontier = _Frontier()
+
+
+def _best_of_n_inputs(generator: torch.Generator) -> Inputs:
+    n_max, num_prompts = 6, 7
+    scores = _randn(generator, n_max, num_prompts)
+    rewards = 0.5 * scores + _randn(generator, n_max, num_prompts)  # the reward model is a noisy proxy
+    return {"scores": scores, "rewards": rewards, "n": int(torch.randint(2, n_max, (), generator=generator))}
+
+
+def check_best_of_n_rewards(best_of_n_rewards: Callable) -> None:
+    """Check best_of_n_rewards(scores, rewards, n) -> (P,) oracle rewards of the samples that the
+    reward model picks among the first n of each prompt; scores and rewards are (N_max, P)."""
+    case = Case(
+        name="best_of_n_rewards",
+        reference=_frontier.best_of_n_rewards,
+        make_inputs=_best_of_n_inputs,
+        shape_hint="Return one oracle reward per prompt: shape (P,), where scores is (N_max, P).",
+        mistakes=[
+            Mistake("the sample is chosen by the oracle reward, not by the reward model",
+                    lambda s, r, n: r[:n].max(dim=0).values,
+                    "Best-of-N cannot see the oracle: pick with scores.argmax, then read the oracle reward of that sample."),
+            Mistake("all N_max samples are used instead of the first n",
+                    lambda s, r, n: _frontier.best_of_n_rewards(s, r, s.shape[0]),
+                    "Only the first n samples of each prompt count: slice scores[:n] and rewards[:n]."),
+            Mistake("it returns the reward model's score of the best sample, not its oracle reward",
+                    lambda s, r, n: s[:n].max(dim=0).values,
+                    "The frontier measures the oracle (ground-truth) reward of what the method picks."),
+            Mistake("it averages the oracle rewards of the first n samples instead of picking one",
+                    lambda s, r, n: r[:n].mean(dim=0), "Keep the single sample with the highest score."),
+        ],
+    )
+    compare_with_reference(best_of_n_rewards, case)
+
+
+def _frontier_inputs(generator: torch.Generator) -> Inputs:
+    num = 12
+    kls = _randn(generator, num).abs() * 4
+    rewards = 0.2 * kls.sqrt() + 0.2 * _randn(generator, num)
+    rewards[-1] = rewards[0]  # a tie in reward: the point with the larger KL is not on the frontier
+    kls[-1] = kls[0] + 1.0
+    return {"kls": kls, "rewards": rewards}
+
+
+def check_on_frontier(on_frontier: Callable) -> None:
+    """Check on_frontier(kls, rewards) -> (M,) bool: True for the points that no other point beats,
+    i.e. no point has a KL as low or lower AND a reward as high or higher (and is better in one)."""
+    def best_only(kls, rewards):
+        return (rewards == rewards.max()).to(rewards.dtype)
+
+    def lower_frontier(kls, rewards):
+        return _frontier.on_frontier(kls, -rewards)
+
+    def ignores_ties(kls, rewards):
+        no_more_kl = kls.unsqueeze(0) < kls.unsqueeze(1)
+        more_reward = rewards.unsqueeze(0) > rewards.unsqueeze(1)
+        return (~(no_more_kl & more_reward).any(dim=1)).to(rewards.dtype)
+
+    case = Case(
+        name="on_frontier",
+        reference=_frontier.on_frontier,
+        make_inputs=_frontier_inputs,
+        shape_hint="Return one True/False per point: shape (M,), like kls.",
+        mistakes=[
+            Mistake("only the single best-reward point is kept", best_only,
+                    "A point with less reward can still be on the frontier if it costs less KL."),
+            Mistake("it finds the lower frontier (lowest reward), not the upper one", lower_frontier,
+                    "Better means more reward for the same or less KL."),
+            Mistake("a point is only beaten by one with strictly less KL and strictly more reward", ignores_ties,
+                    "A point with the same reward at a larger KL is beaten too: use <= and >=, with one of them strict."),
+        ],
+    )
+    compare_with_reference(on_frontier, case)
+
+
+# ---- Notebook 10: beyond DPO ----------------------------------------------------------------------
+
+
+def _ipo_reference(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    from dpo_teach.variants import ipo_loss
+
+    return ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)[0]
+
+
+def check_ipo_loss(ipo_loss: Callable) -> None:
+    """Check ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    -> (B,) per-example IPO losses (h - 1/(2 beta))^2, h the difference of the two log-ratios."""
+    def margin(pc, pr, rc, rr):
+        return (pc - rc) - (pr - rr)
+
+    case = Case(
+        name="ipo_loss",
+        reference=_ipo_reference,
+        make_inputs=_dpo_inputs,
+        shape_hint="Return one loss per pair, shape (B,), without averaging.",
+        grad_inputs=("policy_chosen_logps", "policy_rejected_logps"),
+        mistakes=[
+            Mistake("the target margin is 1/beta instead of 1/(2 beta)",
+                    lambda pc, pr, rc, rr, b: (margin(pc, pr, rc, rr) - 1 / b) ** 2,
+                    "IPO's regression target is h = 1 / (2 * beta)."),
+            Mistake("the margin is multiplied by beta, as in DPO's sigmoid",
+                    lambda pc, pr, rc, rr, b: (b * margin(pc, pr, rc, rr) - 1 / (2 * b)) ** 2,
+                    "IPO regresses the raw difference of log-ratios h on 1/(2 beta): no beta in front of h."),
+            Mistake("the reference model is left out",
+                    lambda pc, pr, rc, rr, b: ((pc - pr) - 1 / (2 * b)) ** 2,
+                    "h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))."),
+            Mistake("chosen and rejected are swapped",
+                    lambda pc, pr, rc, rr, b: (-margin(pc, pr, rc, rr) - 1 / (2 * b)) ** 2,
+                    "The chosen response's log-ratio comes first: h = log-ratio(y_w) - log-ratio(y_l)."),
+            Mistake("the square is missing",
+                    lambda pc, pr, rc, rr, b: margin(pc, pr, rc, rr) - 1 / (2 * b),
+                    "IPO is a squared loss: (h - 1/(2 beta)) ** 2."),
+            Mistake("the losses are averaged over the batch",
+                    lambda pc, pr, rc, rr, b: ((margin(pc, pr, rc, rr) - 1 / (2 * b)) ** 2).mean(),
+                    "Return one loss per pair; the training loop takes the mean."),
+        ],
+    )
+    compare_with_reference(ipo_loss, case)
+
+
+def _mean_logps(generator: torch.Generator) -> Inputs:
+    return {"mean_logps": -(_randn(generator, 10).abs() * 3 + 1e-3)}
+
+
+def _log_odds_reference(mean_logps: Tensor) -> Tensor:
+    from dpo_teach.variants import log_odds
+
+    return log_odds(mean_logps)
+
+
+def check_log_odds(log_odds: Callable) -> None:
+    """Check log_odds(mean_logps) -> log(p / (1 - p)) for p = exp(mean_logps), finite for any mean_logps < 0."""
+    case = Case(
+        name="log_odds",
+        reference=_log_odds_reference,
+        make_inputs=_mean_logps,
+        shape_hint="Return one log-odds per response, the shape of mean_logps.",
+        grad_inputs=("mean_logps",),
+        mistakes=[
+            Mistake("it returns log((1 - p) / p), the log-odds upside down",
+                    lambda m: -_log_odds_reference(m), "log odds = log p - log(1 - p)."),
+            Mistake("it returns the odds p / (1 - p), not their log",
+                    lambda m: torch.exp(_log_odds_reference(m)), "Stay in log space: log p - log(1 - p)."),
+            Mistake("log(1 - p) is missing: it returns log p", lambda m: m,
+                    "The odds divide p by 1 - p: subtract log(1 - p)."),
+        ],
+        extremes=[
+            Extreme(
+                "responses almost certain under the model (mean log-prob -1e-20, so p rounds to 1)",
+                {"mean_logps": torch.tensor([-1e-20, -1e-17, -1e-9, -50.0], dtype=torch.float64)},
+                "1 - exp(x) rounds to 0 when x is close to 0, and log(0) = -inf. Use torch.log(-torch.expm1(x)) "
+                "(expm1 is exact near 0) for x close to 0, and torch.log1p(-torch.exp(x)) for very negative x.",
+            )
+        ],
+        rtol=1e-6,
+        atol=1e-8,
+    )
+    compare_with_reference(log_odds, case)

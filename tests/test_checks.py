@@ -319,3 +319,45 @@ def test_notebook_08_checks_catch_typical_mistakes():
         check_reward_accuracy(lambda c, r: (c >= r).float().mean())
     with pytest.raises(AssertionError, match="counts the pairs"):
         check_reward_accuracy(lambda c, r: (c > r).float().sum())
+
+
+# ---- Notebooks 09 and 10 --------------------------------------------------------------------------
+
+
+def _naive_log_odds(m):
+    p = torch.exp(m)
+    return torch.log(p) - torch.log(1 - p)
+
+
+def _ipo(pc, pr, rc, rr, beta):
+    return (_h(pc, pr, rc, rr) - 1 / (2 * beta)) ** 2
+
+
+@pytest.mark.parametrize("check, function", [
+    (checks.check_best_of_n_rewards, lambda s, r, n: r[:n].gather(0, s[:n].argmax(0, keepdim=True)).squeeze(0)),
+    (checks.check_on_frontier, lambda k, r: torch.tensor(
+        [not any((k[j] <= k[i]) and (r[j] >= r[i]) and ((k[j] < k[i]) or (r[j] > r[i])) for j in range(len(k)))
+         for i in range(len(k))])),  # a plain double loop, returning bools
+    (checks.check_ipo_loss, _ipo),
+    (checks.check_log_odds, lambda m: m - torch.log(-torch.expm1(m))),  # expm1 alone is exact enough here
+])
+def test_notebook_09_and_10_right_answers_pass(check, function, capsys):
+    check(function)
+    assert "is correct" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("check, function, message", [
+    (checks.check_best_of_n_rewards, lambda s, r, n: r[:n].max(0).values, "chosen by the oracle"),
+    (checks.check_best_of_n_rewards, lambda s, r, n: r.gather(0, s.argmax(0, keepdim=True)).squeeze(0), "first n"),
+    (checks.check_best_of_n_rewards, lambda s, r, n: r[:n].mean(0), "averages"),
+    (checks.check_on_frontier, lambda k, r: r == r.max(), "single best-reward point"),
+    (checks.check_ipo_loss, lambda pc, pr, rc, rr, b: (_h(pc, pr, rc, rr) - 1 / b) ** 2, "1/beta instead"),
+    (checks.check_ipo_loss, lambda pc, pr, rc, rr, b: (b * _h(pc, pr, rc, rr) - 1 / (2 * b)) ** 2, "multiplied by beta"),
+    (checks.check_ipo_loss, lambda pc, pr, rc, rr, b: _ipo(pc, pr, rc, rr, b).mean(), "averaged"),
+    (checks.check_log_odds, _naive_log_odds, "inf or nan"),
+    (checks.check_log_odds, lambda m: m, r"log\(1 - p\) is missing"),
+    (checks.check_log_odds, not_written, "not written yet"),
+])
+def test_notebook_09_and_10_mistakes_are_named(check, function, message):
+    with pytest.raises(AssertionError, match=message):
+        check(function)
