@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dpo_teach.logps import build_batch, model_sequence_logps, shuffled_batches
+from dpo_teach.logps import build_batch, gradient_step, model_sequence_logps, shuffled_batches
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
@@ -288,10 +288,7 @@ def training_loop(policy, num_items: int, batch_size: int, config: DPOConfig, ba
     policy.train()
     for step, index in zip(tqdm(range(config.num_steps), desc=desc, disable=not progress), batches):
         loss, metrics, batch_sequences, batch_tokens = batch_step(index)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-        optimizer.step()
+        gradient_step(policy, optimizer, loss, config.max_grad_norm)
         schedule.step()
         sequences, tokens = sequences + batch_sequences, tokens + batch_tokens
         history["step"].append(step)

@@ -174,7 +174,8 @@ class Experiment:
             self._sft_evaluation = self.evaluate(self.sft_policy)
         return self._sft_evaluation
 
-    def _fresh_policy(self):
+    def fresh_policy(self):
+        """A trainable copy of the SFT policy: every run starts from one."""
         policy = copy.deepcopy(self.sft_policy)
         policy.requires_grad_(True)
         return policy
@@ -193,7 +194,7 @@ class Experiment:
                                 eval_every=self.sweep.dpo_eval_every)
         num_pairs = min(len(self.pairs), config.num_steps * config.batch_size)
         ref_logps = self.ref_logps(num_pairs)
-        policy = self._fresh_policy()
+        policy = self.fresh_policy()
         calls = []
 
         def evaluate(policy) -> dict[str, float]:  # the first call is at step 0, on the SFT policy itself
@@ -223,7 +224,7 @@ class Experiment:
                                eval_every=self.sweep.ppo_eval_every, max_new_tokens=self.preset.max_new_tokens,
                                max_prompt_tokens=self.preset.max_prompt_tokens)
         reward = ppo.oracle_fn if ground_truth else self.reward_model
-        policy = self._fresh_policy()
+        policy = self.fresh_policy()
         with measure_cost(self.preset.device) as cost:
             history = ppo.train_ppo(policy, self.ref_model, reward, self.tokenizer, self.train_prompts, config,
                                     eval_fn=self.evaluate, progress=False)
@@ -246,7 +247,7 @@ class Experiment:
                            max_response_tokens=self.preset.max_response_tokens,
                            eval_every=self.sweep.preferred_ft_steps)
         records = [{"prompt": r["prompt"], "chosen": r["chosen"]} for r in self.pairs]
-        policy = self._fresh_policy()
+        policy = self.fresh_policy()
         with measure_cost(self.preset.device) as cost:
             train_sft(policy, self.tokenizer, records, config, response_key="chosen")
         point = Point("Preferred-FT", "chosen only", seed, config.num_steps, seconds=cost.seconds,

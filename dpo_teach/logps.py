@@ -145,3 +145,13 @@ def model_sequence_logps(model, batch: dict, average: bool = False) -> torch.Ten
     logits = model(input_ids=batch["input_ids"].to(device),
                    attention_mask=batch["attention_mask"].to(device)).logits  # (B, T, V)
     return sequence_logps(logits, batch["labels"].to(device), batch["loss_mask"].to(device), average=average)
+
+
+def gradient_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                  max_grad_norm: float) -> None:
+    """One optimizer step on `loss`: clear old gradients, backpropagate, clip the gradient norm of
+    `model`'s parameters to max_grad_norm, step. Every training loop of the course uses it."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()

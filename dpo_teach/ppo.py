@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dpo_teach.evaluation import position_ids_from_mask
+from dpo_teach.logps import gradient_step
 from dpo_teach.models import disable_dropout
 from dpo_teach.presets import seed_everything
 from dpo_teach.sampling import Generation, generate
@@ -400,10 +401,7 @@ def ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, rol
                                                       mask, config.value_clip)
             entropy = masked_mean(entropy_from_logits(logits), mask)
             loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * entropy
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
+            gradient_step(model, optimizer, loss, config.max_grad_norm)
             for key, value in zip(stats, (pg_loss, vf_loss, entropy, clip_fraction, approx_kl, value_clip_fraction),
                                   strict=True):
                 stats[key].append(float(value.detach()))

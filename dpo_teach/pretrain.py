@@ -22,6 +22,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 
+from dpo_teach.logps import gradient_step
 from dpo_teach.models import EOS_TOKEN, PAD_TOKEN, TinyGPT2Config, tiny_gpt2, wrap_tokenizer
 from dpo_teach.presets import data_dir, seed_everything
 from dpo_teach.world import read_jsonl, write_world
@@ -120,10 +121,7 @@ def pretrain(folder: Path, config: PretrainConfig = PretrainConfig()) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        gradient_step(model, optimizer, loss, max_grad_norm=1.0)
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")

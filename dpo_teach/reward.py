@@ -21,7 +21,13 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2Model
 
 from dpo_teach.evaluation import position_ids_from_mask
-from dpo_teach.logps import build_batch, encode_prompt, encode_response, shuffled_batches
+from dpo_teach.logps import (
+    build_batch,
+    encode_prompt,
+    encode_response,
+    gradient_step,
+    shuffled_batches,
+)
 from dpo_teach.models import disable_dropout
 from dpo_teach.sft import lr_at, make_optimizer
 
@@ -184,10 +190,7 @@ def train_reward_model(reward_model: RewardModel, tokenizer, pairs, config: Rewa
         loss = bradley_terry_loss(chosen_rewards, rejected_rewards).mean()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(reward_model.parameters(), config.max_grad_norm)
-        optimizer.step()
+        gradient_step(reward_model, optimizer, loss, config.max_grad_norm)
         margin = (chosen_rewards - rejected_rewards).detach()
         history["step"].append(step)
         history["loss"].append(loss.item())

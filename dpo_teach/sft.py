@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from dpo_teach.logps import (
     _check_text,
     build_batch,
+    gradient_step,
     model_sequence_logps,
     sequence_logps,
     shuffled_batches,
@@ -140,10 +141,7 @@ def train_sft(policy, tokenizer, records: list[dict], config: SFTConfig = SFTCon
         loss = sft_loss(logits, batch["labels"].to(device), batch["loss_mask"].to(device)).mean()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-        optimizer.step()
+        gradient_step(policy, optimizer, loss, config.max_grad_norm)
         history["step"].append(step)
         history["loss"].append(loss.item())
         history["lr"].append(lr_at(step, config))
