@@ -4,11 +4,16 @@
         history = train_something(...)
     print(cost.seconds, cost.peak_memory_mb)
 
-On a CUDA device the peak is torch.cuda.max_memory_allocated during the block; on a CPU it is the
-peak resident memory of this process during the block, sampled every few milliseconds by a
-background thread, minus what the process held when the block started (so models loaded before the
-block are not counted; memory freed by earlier blocks is first handed back to the system). Counts of models held, tokens generated and forward/backward passes are
-properties of each method's loop and are reported by the train functions themselves.
+What is counted, the same way for every method, from one common baseline (the process before the
+block, less the models the block uses): the parameters and buffers of every model the method holds
+during the block (`held`, loaded before it), plus the peak of what the block itself adds on top
+(optimizer state, gradients, activations, sampling buffers, copies made inside the block). On a
+CUDA device that addition is torch.cuda.max_memory_allocated during the block above the allocation
+at its start; on a CPU it is the peak resident memory of this process during the block, sampled
+every few milliseconds by a background thread, above the resident memory at its start (memory freed
+by earlier blocks is first handed back to the system). Counts of models held, sequences generated
+and forward/backward passes are properties of each method's loop and are reported by the train
+functions themselves.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import torch
 @dataclass
 class Cost:
     seconds: float = 0.0  # wall-clock time of the block
-    peak_memory_mb: float = 0.0  # peak memory above the level at the start of the block, in MiB
+    peak_memory_mb: float = 0.0  # held models + the block's peak addition, in MiB
+    models_mb: float = 0.0  # of which: parameters and buffers of the held models
     device: str = "cpu"
 
 
@@ -42,10 +48,22 @@ def _release_free_memory() -> None:
         pass
 
 
+def models_mb(models) -> float:
+    """Parameters and buffers of `models` (distinct tensors counted once), in MiB."""
+    seen, total = set(), 0
+    for model in models:
+        for t in (*model.parameters(), *model.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total / 2**20
+
+
 @contextmanager
-def measure_cost(device: str = "cpu", interval: float = 0.005):
-    """Measure the wall time and peak extra memory of the `with` block (see the module docstring)."""
-    cost = Cost(device=str(device))
+def measure_cost(device: str = "cpu", interval: float = 0.005, held=()):
+    """Measure the wall time and peak memory of the `with` block: the models in `held` plus the
+    block's peak addition (see the module docstring)."""
+    cost = Cost(device=str(device), models_mb=models_mb(held))
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -56,7 +74,7 @@ def measure_cost(device: str = "cpu", interval: float = 0.005):
         finally:
             torch.cuda.synchronize()
             cost.seconds = time.perf_counter() - start
-            cost.peak_memory_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+            cost.peak_memory_mb = cost.models_mb + (torch.cuda.max_memory_allocated() - base) / 2**20
         return
     process = psutil.Process()
     _release_free_memory()
@@ -79,4 +97,4 @@ def measure_cost(device: str = "cpu", interval: float = 0.005):
         stop.set()
         thread.join()
         peak[0] = max(peak[0], process.memory_info().rss)
-        cost.peak_memory_mb = (peak[0] - base) / 2**20
+        cost.peak_memory_mb = cost.models_mb + (peak[0] - base) / 2**20

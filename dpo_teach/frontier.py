@@ -5,41 +5,60 @@ ground-truth reward of the policy's samples against the KL divergence KL(pi || p
 for checkpoints along each training run. This module runs that experiment in the course's world:
 
 - every method starts from the same SFT policy (notebook 05), which is also pi_ref;
-- every checkpoint is evaluated the same way (`Experiment.evaluate`): one response per held-out
-  prompt, sampled at temperature 1 with the same sampling seed, scored by the oracle, with the
-  sequence-level KL estimated from the same samples (mean of log pi(y|x) - log pi_ref(y|x));
+- every method consumes the same labelled pairs: DPO trains on exactly the pairs the reward model
+  of PPO and best-of-N was fitted to (same prompts, same number of labels);
+- every checkpoint is evaluated the same way (`Experiment.evaluate`): `samples_per_prompt` responses
+  to each of the same held-out prompts, sampled at temperature 1 with the same sampling seed
+  (a paired design), scored by the oracle, with the sequence-level KL estimated from the same
+  samples; the per-prompt numbers are kept, so that every comparison gets a paired bootstrap
+  interval over prompts and seeds (`dpo_teach.stats`);
 - one method per function, each returning a `Run` (its checkpoints as `Point`s and its cost):
-  `sft`, `preferred_ft`, `best_of_n`, `dpo`, `ppo` (reward model, or the oracle: "PPO-GT").
+  `sft`, `preferred_ft`, `best_of_n`, `dpo`, `ppo` (fixed or adaptive KL coefficient; reward model,
+  or the oracle: "PPO-GT");
+- a method's frontier is the upper concave hull of its checkpoints (`concave_frontier`): a mixture
+  of two policies is itself a policy, with a reward between theirs and a KL no larger than the
+  mixture of theirs, so every point under a chord between two checkpoints is achievable;
+- the ideal frontier of the oracle itself, pi*_beta ~ pi_ref exp(r*/beta), is estimated by
+  self-normalised importance sampling over many SFT samples per prompt (`ideal_frontier`).
 
-The sizes of the sweep are set per preset by `SWEEPS` (a reduced one on the CPU preset).
+The powered sweep is run by `python -m dpo_teach.sweep` (SWEEPS); notebook 09 runs a reduced live
+sweep (LIVE_SWEEPS) and loads the powered one's results from data/results/<preset>/.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from dpo_teach import dpo, pipeline, ppo
-from dpo_teach.cost import measure_cost
+from dpo_teach.cost import measure_cost, models_mb
 from dpo_teach.evaluation import evaluate_policy, seeded_sampling
 from dpo_teach.models import frozen_copy
 from dpo_teach.presets import Preset, get_preset
+from dpo_teach.reward import RewardConfig, RewardModel, train_reward_model
 from dpo_teach.sampling import generate
 from dpo_teach.sft import SFTConfig, train_sft
+from dpo_teach.stats import Interval, paired_bootstrap
 from dpo_teach.world import load_prompts, oracle_reward
+
+__all__ = ["SweepConfig", "SWEEPS", "LIVE_SWEEPS", "sweep_config", "live_sweep_config", "Point", "Run",
+           "Experiment", "best_of_n_rewards", "best_of_n_kl", "on_frontier", "concave_frontier", "frontier_at",
+           "MethodData", "method_data", "frontier_gap", "point_gap", "ideal_frontier", "IdealFrontier",
+           "length_reward_curve", "length_explained", "cost_to_reach", "seed_spread", "mean_curve",
+           "run_to_dict", "run_from_dict"]
 
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """What notebook 09 runs: hyper-parameters per method, seeds and run lengths."""
+    """What the frontier experiment runs: hyper-parameters per method, seeds, lengths, evaluation."""
 
     dpo_betas: tuple[float, ...]  # DPO's beta (the paper swept 0.05, 0.1, 1, 5)
-    ppo_kl_coefs: tuple[float, ...]  # PPO's fixed KL coefficient (the paper swept target KLs 3-12)
+    ppo_kl_coefs: tuple[float, ...]  # PPO's fixed KL coefficients
+    ppo_target_kls: tuple[float, ...]  # PPO with an adaptive KL coefficient, per target KL (the paper: 3-12)
+    ppo_gt_kl_coefs: tuple[float, ...]  # PPO on the oracle itself ("PPO-GT"), fixed KL coefficients
     seeds: tuple[int, ...]  # every training run is repeated with each seed
     best_of_n: tuple[int, ...]  # N of the best-of-N baseline
     dpo_steps: int  # DPO optimizer steps per run (batches of DPOConfig.batch_size pairs)
@@ -47,43 +66,70 @@ class SweepConfig:
     ppo_steps: int  # PPO rollout batches per run
     ppo_eval_every: int  # steps between PPO checkpoints
     preferred_ft_steps: int  # SFT steps on the chosen responses ("Preferred-FT")
-    eval_prompts: int  # held-out prompts per evaluation (one sample each)
-    ppo_gt: bool = False  # also run PPO with the oracle as its reward (the paper's "PPO-GT")
+    eval_prompts: int  # held-out prompts per evaluation
+    samples_per_prompt: int  # responses per prompt per evaluation (same sampling seed for every policy)
+    ideal_samples: int = 0  # SFT samples per prompt for the ideal frontier (0: not estimated)
 
 
 SWEEPS = {
-    # CPU, 2 cores: about 3 minutes. Two betas, two KL coefficients, two seeds, short runs (KL up to ~3 nats).
-    "tiny": SweepConfig(dpo_betas=(0.05, 0.5), ppo_kl_coefs=(0.05, 0.2), seeds=(0, 1), best_of_n=(2, 4, 8),
-                        dpo_steps=30, dpo_eval_every=15, ppo_steps=14, ppo_eval_every=7,
-                        preferred_ft_steps=20, eval_prompts=64),
-    # GPU: the paper's grid of four betas, four KL coefficients, three seeds, PPO-GT.
-    "gpt2": SweepConfig(dpo_betas=(0.05, 0.1, 1.0, 5.0), ppo_kl_coefs=(0.02, 0.05, 0.1, 0.2), seeds=(0, 1, 2),
+    # CPU, 2 cores, about 40 minutes (`python -m dpo_teach.sweep --preset tiny`): 3 betas, 3 fixed
+    # KL coefficients (notebook 07's 0.1 among them) and one KL target, PPO-GT, 3 seeds; DPO for one
+    # pass over all 2,362 pairs (74 x 32: every label the reward model was fitted to), PPO for
+    # notebook 07's 40 rollout batches; every checkpoint on 256 held-out prompts x 2 samples (512
+    # samples, the same for every policy); the ideal frontier from 64 SFT samples per prompt.
+    "tiny": SweepConfig(dpo_betas=(0.05, 0.1, 0.5), ppo_kl_coefs=(0.05, 0.1, 0.2), ppo_target_kls=(4.0,),
+                        ppo_gt_kl_coefs=(0.1,), seeds=(0, 1, 2), best_of_n=(2, 4, 8, 16), dpo_steps=74,
+                        dpo_eval_every=15, ppo_steps=40, ppo_eval_every=10, preferred_ft_steps=74,
+                        eval_prompts=256, samples_per_prompt=2, ideal_samples=64),
+    # GPU: the paper's grid of four betas, four KL coefficients and two targets, three seeds, PPO-GT.
+    "gpt2": SweepConfig(dpo_betas=(0.05, 0.1, 1.0, 5.0), ppo_kl_coefs=(0.02, 0.05, 0.1, 0.2),
+                        ppo_target_kls=(6.0, 12.0), ppo_gt_kl_coefs=(0.05, 0.1), seeds=(0, 1, 2),
                         best_of_n=(2, 4, 16, 64), dpo_steps=600, dpo_eval_every=100, ppo_steps=200,
-                        ppo_eval_every=25, preferred_ft_steps=300, eval_prompts=512, ppo_gt=True),
+                        ppo_eval_every=25, preferred_ft_steps=300, eval_prompts=512, samples_per_prompt=1,
+                        ideal_samples=64),
+}
+
+LIVE_SWEEPS = {
+    # What notebook 09 runs live on the CPU (about a minute and a half): one setting of each
+    # trained method, one seed, fewer prompts. Its conclusions come from the powered sweep (SWEEPS).
+    "tiny": SweepConfig(dpo_betas=(0.1,), ppo_kl_coefs=(0.1,), ppo_target_kls=(), ppo_gt_kl_coefs=(), seeds=(0,),
+                        best_of_n=(2, 4, 8), dpo_steps=40, dpo_eval_every=20, ppo_steps=16, ppo_eval_every=8,
+                        preferred_ft_steps=20, eval_prompts=128, samples_per_prompt=1),
+    # On a GPU the full sweep runs live.
+    "gpt2": SWEEPS["gpt2"],
 }
 
 
 def sweep_config(preset: Preset | None = None, **overrides) -> SweepConfig:
-    """The sweep of a preset (default: the current one), with fields replaced."""
-    from dataclasses import replace
-
+    """The powered sweep of a preset (default: the current one), with fields replaced."""
     preset = preset or get_preset()
     return replace(SWEEPS[preset.name], **overrides)
 
 
+def live_sweep_config(preset: Preset | None = None, **overrides) -> SweepConfig:
+    """The sweep notebook 09 runs live (reduced on the CPU, the full one on a GPU)."""
+    preset = preset or get_preset()
+    return replace(LIVE_SWEEPS[preset.name], **overrides)
+
+
 @dataclass
 class Point:
-    """One checkpoint placed on the frontier."""
+    """One checkpoint placed on the frontier, with its per-prompt measurements."""
 
     method: str  # "SFT", "DPO", "PPO", "PPO-GT", "Preferred-FT", "Best-of-N"
-    setting: str  # the hyper-parameter, e.g. "beta=0.1", "kl_coef=0.05", "N=4"
+    setting: str  # the hyper-parameter, e.g. "beta=0.1", "kl_coef=0.05", "target_kl=4", "N=4"
     seed: int
     step: int  # training step of the checkpoint (0: the SFT policy)
     oracle_reward: float  # mean oracle reward of the samples
     oracle_reward_se: float  # its standard error over prompts
     kl: float  # estimated KL(pi || pi_ref) in nats per sequence
     kl_se: float
+    length: float = 0.0  # mean response length in tokens
     seconds: float = 0.0  # training wall time up to this checkpoint (evaluation excluded)
+    sequences: int = 0  # training cost up to this checkpoint: sequences generated + forward + backward
+    rewards: list[float] = field(default_factory=list, repr=False)  # (P,) per prompt, mean over its samples
+    kls: list[float] = field(default_factory=list, repr=False)  # (P,)
+    lengths: list[float] = field(default_factory=list, repr=False)  # (P,)
 
 
 @dataclass
@@ -101,10 +147,27 @@ class Run:
         return self.points[-1]
 
 
-def _summary(rewards: torch.Tensor, kls: torch.Tensor) -> dict[str, float]:
+def run_to_dict(run: Run, digits: int = 5) -> dict:
+    """A Run as plain JSON-ready data (per-prompt numbers rounded to `digits` decimals)."""
+    data = asdict(run)
+    for point in data["points"]:
+        for key in ("rewards", "kls", "lengths"):
+            point[key] = [round(v, digits) for v in point[key]]
+    return data
+
+
+def run_from_dict(data: dict) -> Run:
+    return Run(data["method"], data["setting"], data["seed"], [Point(**p) for p in data["points"]], data["cost"])
+
+
+def _point(method: str, setting: str, seed: int, step: int, rewards, kls, lengths, seconds: float = 0.0,
+           sequences: int = 0) -> Point:
+    """A Point from per-prompt tensors (P,)."""
+    rewards, kls, lengths = (torch.as_tensor(x, dtype=torch.float64) for x in (rewards, kls, lengths))
     n = len(rewards)
-    return {"oracle_reward": rewards.mean().item(), "oracle_reward_se": rewards.std().item() / math.sqrt(n),
-            "kl": kls.mean().item(), "kl_se": kls.std().item() / math.sqrt(n)}
+    se = (lambda x: x.std().item() / math.sqrt(n)) if n > 1 else (lambda x: 0.0)
+    return Point(method, setting, seed, step, rewards.mean().item(), se(rewards), kls.mean().item(), se(kls),
+                 lengths.mean().item(), seconds, int(sequences), rewards.tolist(), kls.tolist(), lengths.tolist())
 
 
 def best_of_n_rewards(scores: torch.Tensor, rewards: torch.Tensor, n: int) -> torch.Tensor:
@@ -127,7 +190,8 @@ class Experiment:
     def __init__(self, preset: Preset | None = None, sweep: SweepConfig | None = None, eval_seed: int = 1234,
                  parts: dict | None = None):
         """parts replaces any of the course's ingredients (e.g. small models in tests): "sft_policy",
-        "tokenizer", "pairs" (training pairs), "train_prompts", "eval_prompts", "reward_model"."""
+        "tokenizer", "pairs" (training pairs), "train_prompts", "eval_prompts", "reward_model",
+        "reward_cost" (what training the reward model cost, see reward_model_cost)."""
         self.preset = preset or get_preset()
         self.sweep = sweep or sweep_config(self.preset)
         parts = parts or {}
@@ -141,37 +205,72 @@ class Experiment:
         self.eval_prompts = parts.get("eval_prompts") or load_prompts(self.preset, "test", n=self.sweep.eval_prompts)
         self.eval_seed = eval_seed
         self._reward_model = parts.get("reward_model")
-        self._ref_logps = {}
+        self._reward_cost = parts.get("reward_cost")
+        self._ref_logps = None
+        self._ref_cost = None
         self._sft_evaluation = None
 
     # ---- shared pieces ---------------------------------------------------------------------------
 
     @property
+    def lengths(self) -> dict:
+        return dict(max_prompt_tokens=self.preset.max_prompt_tokens, max_response_tokens=self.preset.max_response_tokens)
+
+    @property
     def reward_model(self):
+        """The reward model of notebook 06 (trained on `self.pairs`), loaded, or trained when missing."""
         if self._reward_model is None:
-            self._reward_model = pipeline.get_reward_model(self.preset)
+            with torch.enable_grad():  # training may happen here, even when called under no_grad
+                self._reward_model = pipeline.get_reward_model(self.preset)
         return self._reward_model
 
-    def ref_logps(self, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference log-probs of the first num_pairs training pairs, computed once and shared by all runs."""
-        if num_pairs not in self._ref_logps:
-            self._ref_logps[num_pairs] = dpo.precompute_ref_logps(
-                self.ref_model, self.tokenizer, self.pairs.select(range(num_pairs)),
-                max_prompt_tokens=self.preset.max_prompt_tokens, max_response_tokens=self.preset.max_response_tokens)
-        return self._ref_logps[num_pairs]
+    def reward_model_cost(self) -> dict:
+        """What fitting the reward model cost, charged to every method that uses it (PPO, best-of-N):
+        seconds and sequences of notebook 06's recipe on `self.pairs`, trained and timed once here
+        (its weights are not used: the cached reward model has the same recipe)."""
+        if self._reward_cost is None:
+            config: RewardConfig = pipeline.recipe(self.preset).reward
+            reward_model = RewardModel.from_policy(self.sft_policy)
+            with torch.enable_grad(), measure_cost(self.preset.device, held=(reward_model,)) as cost:
+                train_reward_model(reward_model, self.tokenizer, self.pairs, config)
+            pairs_read = config.num_steps * config.batch_size
+            self._reward_cost = {"seconds": cost.seconds, "peak_memory_mb": cost.peak_memory_mb,
+                                 "forward_sequences": 2 * pairs_read, "backward_sequences": 2 * pairs_read,
+                                 "labels": len(self.pairs), "pairs_read": pairs_read}
+        return self._reward_cost
 
-    def evaluate(self, policy) -> dict[str, float]:
-        """Oracle reward and KL to pi_ref of one sample per held-out prompt (same sampling seed for every
-        policy, so that differences between methods are not sampling noise of the prompts' draws)."""
-        result = evaluate_policy(policy, self.ref_model, self.tokenizer, self.eval_prompts,
+    def ref_logps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs of every training pair, computed once and shared by all DPO runs
+        (the cost of that one pass is charged to each run, see dpo)."""
+        if self._ref_logps is None:
+            with measure_cost(self.preset.device, held=(self.ref_model,)) as cost:
+                self._ref_logps = dpo.precompute_ref_logps(self.ref_model, self.tokenizer, self.pairs, **self.lengths)
+            self._ref_cost = {"seconds": cost.seconds, "peak_memory_mb": cost.peak_memory_mb,
+                              "forward_sequences": 2 * len(self.pairs)}
+        return self._ref_logps
+
+    def evaluate_samples(self, policy) -> dict[str, torch.Tensor]:
+        """Per-prompt oracle reward, KL estimate and response length of `policy`, each (P,): the mean
+        over samples_per_prompt responses to each held-out prompt, sampled with the same seed for
+        every policy (so that differences between methods are not sampling noise of the prompts)."""
+        n, num = self.sweep.samples_per_prompt, len(self.eval_prompts)
+        result = evaluate_policy(policy, self.ref_model, self.tokenizer, self.eval_prompts * n,
                                  max_new_tokens=self.preset.max_new_tokens, seed=self.eval_seed,
                                  max_prompt_tokens=self.preset.max_prompt_tokens)
-        return _summary(result["rewards"], result["kls"])
+        lengths = result["generation"].response_mask.sum(1).to(torch.float64)
+        return {key: value.to(torch.float64).view(n, num).mean(0)
+                for key, value in (("rewards", result["rewards"]), ("kls", result["kls"]), ("lengths", lengths))}
 
-    def sft_evaluation(self) -> dict[str, float]:
-        """evaluate(SFT policy), computed once: the starting point of every run."""
+    def evaluate(self, policy) -> dict[str, float]:
+        """Mean and standard error (over prompts) of the oracle reward and the KL of `policy`."""
+        p = _point("", "", 0, 0, **self.evaluate_samples(policy))
+        return {"oracle_reward": p.oracle_reward, "oracle_reward_se": p.oracle_reward_se, "kl": p.kl,
+                "kl_se": p.kl_se, "length": p.length}
+
+    def sft_samples(self) -> dict[str, torch.Tensor]:
+        """evaluate_samples(SFT policy), computed once: the starting point of every run."""
         if self._sft_evaluation is None:
-            self._sft_evaluation = self.evaluate(self.sft_policy)
+            self._sft_evaluation = self.evaluate_samples(self.sft_policy)
         return self._sft_evaluation
 
     def fresh_policy(self):
@@ -184,115 +283,347 @@ class Experiment:
 
     def sft(self) -> Run:
         """The starting point: the SFT policy itself (KL 0 by definition)."""
-        return Run("SFT", "-", 0, [Point("SFT", "-", 0, 0, **self.sft_evaluation())],
-                   {"seconds": 0.0, "models_held": 1, "tokens_generated": 0,
-                    "forward_sequences": 0, "backward_sequences": 0, "peak_memory_mb": 0.0})
+        return Run("SFT", "-", 0, [_point("SFT", "-", 0, 0, **self.sft_samples())],
+                   {"seconds": 0.0, "models_held": 1, "sequences_generated": 0, "forward_sequences": 0,
+                    "backward_sequences": 0, "peak_memory_mb": models_mb([self.sft_policy])})
 
     def dpo(self, beta: float, seed: int = 0) -> Run:
-        """DPO from SFT on the preference pairs, evaluated every sweep.dpo_eval_every steps."""
+        """DPO from SFT on every training pair, checkpoints every sweep.dpo_eval_every steps."""
         config = dpo.dpo_config(self.preset, beta=beta, seed=seed, num_steps=self.sweep.dpo_steps,
                                 eval_every=self.sweep.dpo_eval_every)
-        num_pairs = min(len(self.pairs), config.num_steps * config.batch_size)
-        ref_logps = self.ref_logps(num_pairs)
+        ref_logps = self.ref_logps()
         policy = self.fresh_policy()
-        calls = []
+        samples = []  # per-prompt results of each checkpoint, in order
 
         def evaluate(policy) -> dict[str, float]:  # the first call is at step 0, on the SFT policy itself
-            calls.append(1)
-            return self.sft_evaluation() if len(calls) == 1 else self.evaluate(policy)
+            samples.append(self.sft_samples() if not samples else self.evaluate_samples(policy))
+            return {}
 
-        with measure_cost(self.preset.device) as cost:
-            history = dpo.train_dpo(policy, self.tokenizer, self.pairs.select(range(num_pairs)), config,
-                                    ref_logps=ref_logps, eval_fn=evaluate, progress=False,
-                                    max_prompt_tokens=self.preset.max_prompt_tokens,
-                                    max_response_tokens=self.preset.max_response_tokens)
+        with measure_cost(self.preset.device, held=(policy,)) as cost:
+            history = dpo.train_dpo(policy, self.tokenizer, self.pairs, config, ref_logps=ref_logps,
+                                    eval_fn=evaluate, progress=False, **self.lengths)
         setting = f"beta={beta:g}"
-        points = [Point("DPO", setting, seed, step, seconds=history["seconds"][step - 1] if step else 0.0,
-                        **{k: history[f"eval/{k}"][i] for k in ("oracle_reward", "oracle_reward_se", "kl", "kl_se")})
-                  for i, step in enumerate(history["eval_step"])]
-        sequences = history["sequences"][-1]
+        ref = self._ref_cost
+        eval_steps = [0] + [s for s in range(1, config.num_steps + 1)
+                            if s % config.eval_every == 0 or s == config.num_steps]
+        points = []
+        for step, sample in zip(eval_steps, samples):
+            seconds = history["seconds"][step - 1] + ref["seconds"] if step else 0.0
+            sequences = 2 * history["sequences"][step - 1] + ref["forward_sequences"] if step else 0  # fwd + bwd
+            points.append(_point("DPO", setting, seed, step, **sample, seconds=seconds, sequences=sequences))
+        policy_sequences = history["sequences"][-1]
         return Run("DPO", setting, seed, points, {
-            "seconds": history["seconds"][-1], "peak_memory_mb": cost.peak_memory_mb,
+            "seconds": history["seconds"][-1] + ref["seconds"],
+            "peak_memory_mb": max(cost.peak_memory_mb, ref["peak_memory_mb"]),
             "models_held": 1,  # the reference ran once, before training, over the pairs
-            "tokens_generated": 0,
-            "forward_sequences": sequences + 2 * num_pairs,  # the policy's passes + the reference's one pass over the pairs
-            "backward_sequences": sequences})
+            "sequences_generated": 0,
+            "forward_sequences": policy_sequences + ref["forward_sequences"],
+            "backward_sequences": policy_sequences,
+            "labels": len(self.pairs), "pairs_read": config.num_steps * config.batch_size})
 
-    def ppo(self, kl_coef: float, seed: int = 0, ground_truth: bool = False) -> Run:
-        """PPO from SFT against the reward model (or, with ground_truth, the oracle: "PPO-GT")."""
-        config = ppo.PPOConfig(kl_coef=kl_coef, seed=seed, num_steps=self.sweep.ppo_steps,
+    def ppo(self, kl_coef: float, seed: int = 0, ground_truth: bool = False, target_kl: float | None = None) -> Run:
+        """PPO from SFT against the reward model (or, with ground_truth, the oracle: "PPO-GT"); with
+        target_kl, the KL coefficient starts at kl_coef and adapts towards that sequence KL."""
+        config = ppo.PPOConfig(kl_coef=kl_coef, target_kl=target_kl, seed=seed, num_steps=self.sweep.ppo_steps,
                                eval_every=self.sweep.ppo_eval_every, max_new_tokens=self.preset.max_new_tokens,
                                max_prompt_tokens=self.preset.max_prompt_tokens)
         reward = ppo.oracle_fn if ground_truth else self.reward_model
         policy = self.fresh_policy()
-        with measure_cost(self.preset.device) as cost:
+        samples = []
+
+        def evaluate(policy) -> dict:
+            samples.append(self.evaluate_samples(policy))
+            return {}
+
+        held = (policy, self.ref_model) if ground_truth else (policy, self.ref_model, reward)
+        with measure_cost(self.preset.device, held=held) as cost:
             history = ppo.train_ppo(policy, self.ref_model, reward, self.tokenizer, self.train_prompts, config,
-                                    eval_fn=self.evaluate, progress=False)
-        method, setting = ("PPO-GT" if ground_truth else "PPO"), f"kl_coef={kl_coef:g}"
-        start = Point(method, setting, seed, 0, **self.sft_evaluation())
-        points = [start] + [
-            Point(method, setting, seed, step, seconds=history["wall_seconds"][step - 1],
-                  **{k: history[f"eval_{k}"][i] for k in ("oracle_reward", "oracle_reward_se", "kl", "kl_se")})
-            for i, step in enumerate(history["eval_step"])]
+                                    eval_fn=evaluate, progress=False)
+        method = "PPO-GT" if ground_truth else "PPO"
+        setting = f"target_kl={target_kl:g}" if target_kl is not None else f"kl_coef={kl_coef:g}"
+        rm = {"seconds": 0.0, "forward_sequences": 0, "backward_sequences": 0} if ground_truth else self.reward_model_cost()
+
+        def sequences(i: int) -> int:
+            return (config.batch_size * (i + 1) + history["forward_sequences"][i] + history["backward_sequences"][i]
+                    + rm["forward_sequences"] + rm["backward_sequences"])
+
+        points = [_point(method, setting, seed, 0, **self.sft_samples())]
+        for step, sample in zip(history["eval_step"], samples):
+            points.append(_point(method, setting, seed, step, **sample, sequences=sequences(step - 1),
+                                 seconds=history["wall_seconds"][step - 1] + rm["seconds"]))
         return Run(method, setting, seed, points, {
-            "seconds": history["wall_seconds"][-1], "peak_memory_mb": cost.peak_memory_mb,
-            "models_held": history["num_models"][-1], "tokens_generated": history["tokens_generated"][-1],
-            "forward_sequences": history["forward_sequences"][-1],
-            "backward_sequences": history["backward_sequences"][-1]})
+            "seconds": history["wall_seconds"][-1] + rm["seconds"],
+            "peak_memory_mb": max(cost.peak_memory_mb, rm.get("peak_memory_mb", 0.0)),
+            "models_held": len(held), "sequences_generated": config.batch_size * config.num_steps,
+            "forward_sequences": history["forward_sequences"][-1] + rm["forward_sequences"],
+            "backward_sequences": history["backward_sequences"][-1] + rm["backward_sequences"],
+            "reward_model_seconds": rm["seconds"], "labels": 0 if ground_truth else len(self.pairs),
+            "final_kl_coef": history["kl_coef"][-1]})
 
     def preferred_ft(self, seed: int = 0) -> Run:
-        """"Preferred-FT": supervised fine-tuning of the SFT policy on the chosen responses only."""
-        config = SFTConfig(num_steps=self.sweep.preferred_ft_steps, seed=seed, warmup_steps=5,
-                           max_prompt_tokens=self.preset.max_prompt_tokens,
-                           max_response_tokens=self.preset.max_response_tokens,
-                           eval_every=self.sweep.preferred_ft_steps)
+        """"Preferred-FT": supervised fine-tuning of the SFT policy on the chosen responses only, with
+        DPO's learning rate and batch size, on the same pairs."""
+        base = dpo.dpo_config(self.preset)
+        config = SFTConfig(num_steps=self.sweep.preferred_ft_steps, batch_size=base.batch_size, lr=base.lr,
+                           seed=seed, warmup_steps=base.warmup_steps, eval_every=self.sweep.preferred_ft_steps,
+                           **self.lengths)
         records = [{"prompt": r["prompt"], "chosen": r["chosen"]} for r in self.pairs]
         policy = self.fresh_policy()
-        with measure_cost(self.preset.device) as cost:
+        with measure_cost(self.preset.device, held=(policy,)) as cost:
             train_sft(policy, self.tokenizer, records, config, response_key="chosen")
-        point = Point("Preferred-FT", "chosen only", seed, config.num_steps, seconds=cost.seconds,
-                      **self.evaluate(policy))
         sequences = config.num_steps * config.batch_size
+        point = _point("Preferred-FT", "chosen only", seed, config.num_steps, **self.evaluate_samples(policy),
+                       seconds=cost.seconds, sequences=2 * sequences)
         return Run("Preferred-FT", "chosen only", seed, [point], {
             "seconds": cost.seconds, "peak_memory_mb": cost.peak_memory_mb, "models_held": 1,
-            "tokens_generated": 0, "forward_sequences": sequences, "backward_sequences": sequences})
+            "sequences_generated": 0, "forward_sequences": sequences, "backward_sequences": sequences,
+            "labels": len(self.pairs), "pairs_read": sequences})
 
-    @torch.no_grad()
     def best_of_n(self, ns: tuple[int, ...], seed: int = 0) -> list[Run]:
         """Best-of-N from SFT: N samples per prompt, the one the reward model scores highest is kept.
 
         The largest N is sampled once; smaller N use its first N samples. The KL is the analytic
         value log N - (N - 1) / N (best_of_n_kl): the best-of-N policy has no density to evaluate.
+        Its cost is that of answering the held-out prompts once (sampling and scoring), plus the
+        reward model's training.
         """
-        n_max = max(ns)
-        score = ppo.reward_model_fn(self.reward_model, self.tokenizer.pad_token_id)  # loaded before measuring
-        start = time.perf_counter()
-        with measure_cost(self.preset.device) as cost, seeded_sampling(seed, torch.device(self.preset.device)):
-            generation = generate(self.sft_policy, self.tokenizer, self.eval_prompts * n_max,
-                                  max_new_tokens=self.preset.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                                  max_prompt_tokens=self.preset.max_prompt_tokens)
-            scores = score(generation)
-        seconds = time.perf_counter() - start
-        num = len(self.eval_prompts)
-        scores = scores.view(n_max, num)  # sample j of prompt i sits at j * num + i
-        rewards = oracle_reward(generation.full_texts).view(n_max, num)
-        tokens = generation.response_mask.sum(1).view(n_max, num)
+        n_max, num = max(ns), len(self.eval_prompts)
+        reward_model = self.reward_model  # outside no_grad: it may have to be trained first
+        rm = self.reward_model_cost()
+        score = ppo.reward_model_fn(reward_model, self.tokenizer.pad_token_id)
+        held = (self.sft_policy, reward_model)
+        scores, rewards, lengths = [], [], []
+        with torch.no_grad(), measure_cost(self.preset.device, held=held) as cost, \
+                seeded_sampling(seed, torch.device(self.preset.device)):
+            for _ in range(n_max):  # sample j of every prompt, then score it
+                generation = generate(self.sft_policy, self.tokenizer, self.eval_prompts,
+                                      max_new_tokens=self.preset.max_new_tokens, temperature=1.0, top_k=0,
+                                      top_p=1.0, max_prompt_tokens=self.preset.max_prompt_tokens)
+                scores.append(score(generation))
+                rewards.append(oracle_reward(generation.full_texts))
+                lengths.append(generation.response_mask.sum(1).to(torch.float64))
+        scores, rewards, lengths = torch.stack(scores), torch.stack(rewards), torch.stack(lengths)  # (N_max, P)
         runs = []
         for n in ns:
-            picked = best_of_n_rewards(scores, rewards, n)
-            kl = best_of_n_kl(n)
-            point = Point("Best-of-N", f"N={n}", seed, 0, picked.mean().item(), picked.std().item() / math.sqrt(num),
-                          kl, 0.0, seconds=seconds * n / n_max)
+            best = scores[:n].argmax(dim=0, keepdim=True)  # (1, P)
+            seconds = cost.seconds * n / n_max + rm["seconds"]
+            point = _point("Best-of-N", f"N={n}", seed, 0, rewards[:n].gather(0, best).squeeze(0),
+                           torch.full((num,), best_of_n_kl(n)), lengths[:n].gather(0, best).squeeze(0),
+                           seconds=seconds, sequences=2 * n * num + rm["forward_sequences"] + rm["backward_sequences"])
             runs.append(Run("Best-of-N", f"N={n}", seed, [point], {
-                "seconds": seconds * n / n_max, "peak_memory_mb": cost.peak_memory_mb, "models_held": 2,
-                "tokens_generated": int(tokens[:n].sum()),  # at inference, per evaluation set
-                "forward_sequences": 2 * n * num, "backward_sequences": 0}))
+                "seconds": seconds, "peak_memory_mb": max(cost.peak_memory_mb, rm["peak_memory_mb"]),
+                "models_held": len(held), "sequences_generated": n * num,  # at inference, per evaluation set
+                "forward_sequences": n * num + rm["forward_sequences"], "backward_sequences": rm["backward_sequences"],
+                "reward_model_seconds": rm["seconds"], "labels": len(self.pairs)}))
         return runs
 
+    def ideal_samples(self, num_samples: int | None = None, seed: int = 99) -> dict[str, torch.Tensor]:
+        """num_samples SFT samples per held-out prompt: oracle rewards and lengths, each (K, P)."""
+        k = num_samples or self.sweep.ideal_samples
+        rewards, lengths = [], []
+        for i in range(k):
+            with torch.no_grad(), seeded_sampling(seed + i, torch.device(self.preset.device)):
+                generation = generate(self.sft_policy, self.tokenizer, self.eval_prompts,
+                                      max_new_tokens=self.preset.max_new_tokens, temperature=1.0, top_k=0,
+                                      top_p=1.0, max_prompt_tokens=self.preset.max_prompt_tokens)
+            rewards.append(oracle_reward(generation.full_texts).to(torch.float64))
+            lengths.append(generation.response_mask.sum(1).to(torch.float64))
+        return {"rewards": torch.stack(rewards), "lengths": torch.stack(lengths)}
 
-def points_table(runs: list[Run]) -> list[dict]:
-    """Every checkpoint of every run as a flat record (e.g. for pandas or a printed table)."""
-    return [asdict(point) for run in runs for point in run.points]
+
+# ---- Frontiers -----------------------------------------------------------------------------------
+
+
+def on_frontier(kls: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """(M,) 1.0 for the points no other point beats: none has a KL as low or lower and a reward as
+    high or higher, better in one of the two; else 0.0."""
+    no_more_kl = kls.unsqueeze(0) <= kls.unsqueeze(1)  # [i, j]: kl_j <= kl_i
+    no_less_reward = rewards.unsqueeze(0) >= rewards.unsqueeze(1)
+    strictly = (kls.unsqueeze(0) < kls.unsqueeze(1)) | (rewards.unsqueeze(0) > rewards.unsqueeze(1))
+    dominated = (no_more_kl & no_less_reward & strictly).any(dim=1)
+    return (~dominated).to(rewards.dtype)
+
+
+def concave_frontier(kls, rewards) -> tuple[list[float], list[float]]:
+    """The achievable frontier of a set of checkpoints: the vertices (kl, reward), sorted by KL, of
+    the upper concave hull of the points, kept up to the highest reward (with a larger KL budget
+    one can always stay at a policy with less KL, so the frontier never falls).
+
+    Why the hull: mixing two policies with weights (1 - t, t) gives a policy whose expected reward
+    is the mixture of theirs and whose KL is at most the mixture of theirs (KL is convex), so the
+    chord between two checkpoints lies on or under what is achievable.
+    """
+    points = sorted(zip((float(k) for k in kls), (float(r) for r in rewards)))
+    hull: list[tuple[float, float]] = []
+    for p in points:  # Andrew's monotone chain, upper half
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) >= 0:  # hull[-1] on or under the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    top = max(range(len(hull)), key=lambda i: hull[i][1])
+    hull = hull[:top + 1]
+    return [x for x, _ in hull], [y for _, y in hull]
+
+
+def frontier_at(xs: list[float], ys: list[float], kl: float) -> float:
+    """The frontier (vertices xs, ys from concave_frontier) at a KL budget: linear between vertices,
+    flat after the last one (its best reward), NaN below the first (no checkpoint with so little KL)."""
+    if kl < xs[0] - 1e-12:
+        return math.nan
+    for (x1, y1), (x2, y2) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if kl <= x2:
+            return y1 + (y2 - y1) * (kl - x1) / (x2 - x1) if x2 > x1 else max(y1, y2)
+    return ys[-1]
+
+
+@dataclass
+class MethodData:
+    """The per-prompt measurements of one method's checkpoints, stacked for the bootstrap."""
+
+    method: str
+    labels: list[tuple[str, int]]  # (setting, step) of each checkpoint column
+    rewards: torch.Tensor  # (S, C, P): seeds x checkpoints x prompts
+    kls: torch.Tensor  # (S, C, P)
+    lengths: torch.Tensor  # (S, C, P)
+    seeds: list[int]
+
+    def curve(self, rewards: torch.Tensor | None = None, kls: torch.Tensor | None = None):
+        """(kl (C,), reward (C,)): each checkpoint's mean over seeds and prompts."""
+        rewards = self.rewards if rewards is None else rewards
+        kls = self.kls if kls is None else kls
+        return kls.mean(dim=(0, 2)), rewards.mean(dim=(0, 2))
+
+    def frontier(self) -> tuple[list[float], list[float]]:
+        return concave_frontier(*self.curve())
+
+
+def method_data(runs: list[Run], method: str, settings: list[str] | None = None) -> MethodData:
+    """Stack the checkpoints of `method`'s runs (optionally only some settings) into MethodData.
+    Every setting must have run with the same seeds and the same checkpoints."""
+    chosen = [r for r in runs if r.method == method and (settings is None or r.setting in settings)]
+    if not chosen:
+        raise ValueError(f"no runs of method {method!r}")
+    seeds = sorted({r.seed for r in chosen})
+    by_key = {(r.setting, r.seed): r for r in chosen}
+    run_settings = list(dict.fromkeys(r.setting for r in chosen))
+    labels = [(s, p.step) for s in run_settings for p in by_key[(s, seeds[0])].points]
+    tensors = {}
+    for key in ("rewards", "kls", "lengths"):
+        rows = []
+        for seed in seeds:
+            missing = [s for s in run_settings if (s, seed) not in by_key]
+            if missing:
+                raise ValueError(f"{method}: seed {seed} did not run for settings {missing}")
+            rows.append([getattr(p, key) for s in run_settings for p in by_key[(s, seed)].points])
+        tensors[key] = torch.tensor(rows, dtype=torch.float64)  # (S, C, P)
+    return MethodData(method, labels, tensors["rewards"], tensors["kls"], tensors["lengths"], seeds)
+
+
+def frontier_gap(a: MethodData, b: MethodData, kl_grid: list[float], num_resamples: int = 1000,
+                 seed: int = 0) -> tuple[list[Interval], Interval]:
+    """How far a's frontier lies above b's at each KL of kl_grid, and on average over the grid:
+    paired bootstrap intervals, resampling prompts (and seeds, where both have the same seeds)."""
+    def gaps(ra, ka, rb, kb):
+        fa, fb = concave_frontier(*a.curve(ra, ka)), concave_frontier(*b.curve(rb, kb))
+        return torch.tensor([frontier_at(*fa, k) - frontier_at(*fb, k) for k in kl_grid])
+
+    shared_seeds = a.seeds == b.seeds
+    samples = (a.rewards, a.kls, b.rewards, b.kls)
+    if not shared_seeds:  # resample prompts only: average over seeds first
+        samples = tuple(x.mean(0, keepdim=True) for x in samples)
+    per_kl = paired_bootstrap(lambda *x: gaps(*x), *samples, num_resamples=num_resamples, seed=seed, vector=True)
+    mean = paired_bootstrap(lambda *x: gaps(*x).mean(), *samples, num_resamples=num_resamples, seed=seed)
+    return per_kl, mean
+
+
+def point_gap(rewards: torch.Tensor, kls: torch.Tensor, b: MethodData, num_resamples: int = 1000,
+              seed: int = 0) -> Interval:
+    """How far one policy (per-prompt rewards and KLs, (P,) or (S, P)) lies above b's frontier at its
+    own KL: a paired bootstrap interval over prompts (b's seeds averaged)."""
+    rewards, kls = (torch.as_tensor(x, dtype=torch.float64) for x in (rewards, kls))
+    if rewards.dim() == 2:
+        rewards, kls = rewards.mean(0), kls.mean(0)
+
+    def gap(r, k, rb, kb):
+        return r.mean() - frontier_at(*concave_frontier(*b.curve(rb, kb)), k.mean().item())
+
+    return paired_bootstrap(gap, rewards, kls, b.rewards.mean(0, keepdim=True), b.kls.mean(0, keepdim=True),
+                            num_resamples=num_resamples, seed=seed)
+
+
+# ---- The ideal frontier of the oracle --------------------------------------------------------------
+
+
+@dataclass
+class IdealFrontier:
+    """pi*_beta ~ pi_ref exp(r*/beta) estimated per beta from K SFT samples per prompt."""
+
+    betas: list[float]
+    kl: list[float]  # mean over prompts of KL(pi*_beta || pi_ref), nats per sequence
+    reward: list[float]  # mean over prompts of E_{pi*_beta}[r*]
+    ess: list[float]  # mean over prompts of the effective sample size of the weights (out of K)
+    reward_se: list[float]  # standard error over prompts of the reward
+    num_samples: int  # K
+
+    @property
+    def reliable_kl(self) -> float:
+        """The largest KL at which the mean effective sample size is still at least K / 10: beyond it
+        the estimate rests on a few samples per prompt (and can never exceed log K)."""
+        ok = [k for k, e in zip(self.kl, self.ess) if e >= self.num_samples / 10]
+        return max(ok) if ok else 0.0
+
+
+def ideal_point(rewards: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+    """Self-normalised importance sampling of pi*_beta from samples of pi_ref, per prompt.
+
+    rewards: (K, P) oracle rewards of K samples y_k ~ pi_ref(.|x) of each prompt. With weights
+    w_k = exp(r_k / beta) / sum_j exp(r_j / beta) (the density ratio pi*/pi_ref up to Z):
+      E_{pi*}[r] ~ sum_k w_k r_k,  log Z ~ log mean_k exp(r_k / beta),
+      KL(pi* || pi_ref) = E_{pi*}[r] / beta - log Z  (from log pi*/pi_ref = r / beta - log Z).
+    The estimates are consistent as K grows, biased for finite K; the KL estimate is at most log K.
+    Returns per-prompt "reward", "kl" and "ess" (1 / sum_k w_k^2), each (P,).
+    """
+    logits = rewards / beta  # (K, P)
+    weights = torch.softmax(logits, dim=0)  # (K, P)
+    reward = (weights * rewards).sum(0)
+    log_z = torch.logsumexp(logits, dim=0) - math.log(rewards.shape[0])
+    return {"reward": reward, "kl": (reward / beta - log_z).clamp(min=0.0), "ess": 1.0 / (weights**2).sum(0)}
+
+
+def ideal_frontier(rewards: torch.Tensor, betas) -> IdealFrontier:
+    """The ideal frontier (ideal_point for each beta), averaged over prompts."""
+    points = [ideal_point(rewards, b) for b in betas]
+    n = rewards.shape[1]
+    return IdealFrontier([float(b) for b in betas], [p["kl"].mean().item() for p in points],
+                         [p["reward"].mean().item() for p in points], [p["ess"].mean().item() for p in points],
+                         [p["reward"].std().item() / math.sqrt(n) for p in points], rewards.shape[0])
+
+
+# ---- Length -----------------------------------------------------------------------------------------
+
+
+def length_reward_curve(rewards: torch.Tensor, lengths: torch.Tensor) -> dict[int, float]:
+    """E[r* | length] under pi_ref, from SFT samples: the mean oracle reward of the samples of each
+    response length (in tokens). rewards and lengths: any shape, the same."""
+    curve = {}
+    for n in torch.unique(lengths).tolist():
+        curve[int(n)] = rewards[lengths == n].mean().item()
+    return curve
+
+
+def length_explained(lengths: torch.Tensor, curve: dict[int, float]) -> torch.Tensor:
+    """The reward that response length alone predicts for samples of these lengths: curve[length]
+    (the nearest length seen in the SFT samples where this one was not). Same shape as lengths."""
+    known = torch.tensor(sorted(curve), dtype=torch.float64)
+    values = torch.tensor([curve[int(k)] for k in known.tolist()], dtype=torch.float64)
+    nearest = (lengths.to(torch.float64).unsqueeze(-1) - known).abs().argmin(-1)
+    return values[nearest]
+
+
+# ---- Tables -------------------------------------------------------------------------------------
 
 
 def seed_spread(runs: list[Run]) -> list[dict]:
@@ -327,76 +658,23 @@ def mean_curve(runs: list[Run]) -> tuple[list[float], list[float], list[float], 
     return kl, kl_se, reward, reward_se
 
 
-def reward_at_kl(points: list[Point], kl: float) -> float | None:
-    """The oracle reward a method's frontier reaches at a given KL: linear interpolation between its
-    checkpoints sorted by KL (None outside the range of KL the method covered)."""
-    ordered = sorted(points, key=lambda p: p.kl)
-    if len(ordered) == 1 and ordered[0].kl == kl:
-        return ordered[0].oracle_reward
-    for a, b in zip(ordered, ordered[1:]):
-        if a.kl <= kl <= b.kl:
-            t = 0.0 if b.kl == a.kl else (kl - a.kl) / (b.kl - a.kl)
-            return a.oracle_reward + t * (b.oracle_reward - a.oracle_reward)
-    return None
-
-
-def on_frontier(kls: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-    """(M,) 1.0 for the points no other point beats: none has a KL as low or lower and a reward as
-    high or higher, better in one of the two; else 0.0."""
-    no_more_kl = kls.unsqueeze(0) <= kls.unsqueeze(1)  # [i, j]: kl_j <= kl_i
-    no_less_reward = rewards.unsqueeze(0) >= rewards.unsqueeze(1)
-    strictly = (kls.unsqueeze(0) < kls.unsqueeze(1)) | (rewards.unsqueeze(0) > rewards.unsqueeze(1))
-    dominated = (no_more_kl & no_less_reward & strictly).any(dim=1)
-    return (~dominated).to(rewards.dtype)
-
-
-def upper_frontier(points: list[Point]) -> list[Point]:
-    """The points of `points` on the frontier (see on_frontier), sorted by KL."""
-    kls = torch.tensor([p.kl for p in points], dtype=torch.float64)
-    rewards = torch.tensor([p.oracle_reward for p in points], dtype=torch.float64)
-    keep = on_frontier(kls, rewards).bool().tolist()
-    return sorted((p for p, k in zip(points, keep) if k), key=lambda p: p.kl)
-
-
 def cost_to_reach(runs: list[Run], target: float) -> dict | None:
-    """Training seconds (and checkpoint) at which the first of `runs` reaches an oracle reward >= target,
-    over all runs of a method: the cheapest such checkpoint, or None if no checkpoint reaches it."""
-    best = None
+    """What a method pays to first reach an oracle reward >= target: for each seed, the cheapest
+    checkpoint over all settings (in sequences processed), then the median over seeds of its
+    sequences and seconds. None when some seed never reaches the target."""
+    per_seed = {}
     for run in runs:
         for point in run.points:
-            if point.oracle_reward >= target and (best is None or point.seconds < best["seconds"]):
-                best = {"setting": run.setting, "seed": run.seed, "step": point.step, "seconds": point.seconds,
-                        "oracle_reward": point.oracle_reward, "kl": point.kl}
+            if point.oracle_reward >= target:
+                best = per_seed.get(run.seed)
+                if best is None or point.sequences < best["sequences"]:
+                    per_seed[run.seed] = {"setting": run.setting, "step": point.step, "sequences": point.sequences,
+                                          "seconds": point.seconds, "oracle_reward": point.oracle_reward}
                 break
-    return best
-
-
-# ---- The sweep's results, kept for notebook 10 ----------------------------------------------------
-
-
-def _runs_key(preset: Preset, sweep: SweepConfig) -> dict:
-    """What the runs were made from: the recipe of the SFT policy, pairs and reward model, and the sweep."""
-    key = pipeline._key(preset, "sft", "pairs", "reward")
-    key["reward_weights_sha256"] = pipeline._sha256(pipeline.artefact_dir(preset, "reward_model") / "model.safetensors")
-    key["sweep"] = asdict(sweep)
-    return json.loads(json.dumps(key))
-
-
-def save_runs(runs: list[Run], preset: Preset | None = None, sweep: SweepConfig | None = None):
-    """Store the runs of notebook 09 in the cache, keyed by their recipe and sweep."""
-    preset = preset or get_preset()
-    sweep = sweep or sweep_config(preset)
-    return pipeline._save(preset, "frontier_runs", _runs_key(preset, sweep), lambda folder: None,
-                          {"runs": [asdict(run) for run in runs]})
-
-
-def load_runs(preset: Preset | None = None, sweep: SweepConfig | None = None) -> list[Run] | None:
-    """The runs stored by save_runs for this preset's recipe and sweep, or None when there are none
-    (notebook 09 not run, or run with another recipe or sweep)."""
-    preset = preset or get_preset()
-    sweep = sweep or sweep_config(preset)
-    stored = pipeline._cached(preset, "frontier_runs", _runs_key(preset, sweep))
-    if stored is None:
+    seeds = sorted({r.seed for r in runs})
+    if len(per_seed) < len(seeds):
         return None
-    return [Run(r["method"], r["setting"], r["seed"], [Point(**p) for p in r["points"]], r["cost"])
-            for r in stored["runs"]]
+    sequences = torch.tensor([per_seed[s]["sequences"] for s in seeds], dtype=torch.float64)
+    seconds = torch.tensor([per_seed[s]["seconds"] for s in seeds], dtype=torch.float64)
+    return {"sequences": sequences.median().item(), "seconds": seconds.median().item(), "seeds": len(seeds),
+            "per_seed": [per_seed[s] for s in seeds]}
