@@ -1,7 +1,7 @@
 """Direct Preference Optimization: the DPO loss (Rafailov et al. 2023, arXiv 2305.18290) and its variants.
 
 The loss is a pure function of four per-example sequence log-probabilities (summed over response
-tokens, see COURSE.md), so the same code serves the exact bandit world of notebook 03 and the
+tokens, see docs/conventions.md), so the same code serves the exact bandit world of notebook 03 and the
 GPT-2 policy of notebook 08.
 """
 
@@ -252,6 +252,7 @@ def make_optimizer(policy, config: DPOConfig):
     return optimizer, schedule
 
 
+@torch.enable_grad()  # training needs gradients even when called inside no_grad (e.g. lazily)
 def training_loop(policy, num_items: int, batch_size: int, config: DPOConfig, batch_step, evaluate=None,
                   optimizer_schedule=None, desc: str = "", progress: bool = True) -> dict[str, list]:
     """config.num_steps optimizer steps on seeded batches of item indices (logps.shuffled_batches).

@@ -46,7 +46,7 @@ from dpo_teach.world import load_prompts, oracle_reward
 
 __all__ = ["SweepConfig", "SWEEPS", "LIVE_SWEEPS", "sweep_config", "live_sweep_config", "Point", "Run",
            "Experiment", "best_of_n_rewards", "best_of_n_kl", "on_frontier", "concave_frontier", "frontier_at",
-           "MethodData", "method_data", "frontier_gap", "point_gap", "ideal_frontier", "IdealFrontier",
+           "MethodData", "method_data", "frontier_gap", "frontier_band", "point_gap", "length_controlled", "ideal_frontier", "IdealFrontier",
            "length_reward_curve", "length_explained", "cost_to_reach", "seed_spread", "mean_curve",
            "run_to_dict", "run_from_dict"]
 
@@ -95,8 +95,10 @@ LIVE_SWEEPS = {
     "tiny": SweepConfig(dpo_betas=(0.1,), ppo_kl_coefs=(0.1,), ppo_target_kls=(), ppo_gt_kl_coefs=(), seeds=(0,),
                         best_of_n=(2, 4, 8), dpo_steps=40, dpo_eval_every=20, ppo_steps=16, ppo_eval_every=8,
                         preferred_ft_steps=20, eval_prompts=128, samples_per_prompt=1),
-    # On a GPU the full sweep runs live.
-    "gpt2": SWEEPS["gpt2"],
+    # GPU: one setting per method, one seed; the notebook then runs the powered sweep itself.
+    "gpt2": SweepConfig(dpo_betas=(0.1,), ppo_kl_coefs=(0.1,), ppo_target_kls=(), ppo_gt_kl_coefs=(), seeds=(0,),
+                        best_of_n=(2, 4, 16), dpo_steps=200, dpo_eval_every=100, ppo_steps=50, ppo_eval_every=25,
+                        preferred_ft_steps=100, eval_prompts=256, samples_per_prompt=1),
 }
 
 
@@ -107,7 +109,7 @@ def sweep_config(preset: Preset | None = None, **overrides) -> SweepConfig:
 
 
 def live_sweep_config(preset: Preset | None = None, **overrides) -> SweepConfig:
-    """The sweep notebook 09 runs live (reduced on the CPU, the full one on a GPU)."""
+    """The reduced sweep notebook 09 runs live (its conclusions come from the powered one)."""
     preset = preset or get_preset()
     return replace(LIVE_SWEEPS[preset.name], **overrides)
 
@@ -201,8 +203,9 @@ class Experiment:
             self.sft_policy, self.tokenizer = pipeline.get_sft_policy(self.preset)
         self.ref_model = frozen_copy(self.sft_policy)
         self.pairs = parts["pairs"] if "pairs" in parts else pipeline.get_preference_pairs(self.preset)["train"]
-        self.train_prompts = parts.get("train_prompts") or load_prompts(self.preset, "train")
-        self.eval_prompts = parts.get("eval_prompts") or load_prompts(self.preset, "test", n=self.sweep.eval_prompts)
+        self.train_prompts = parts["train_prompts"] if "train_prompts" in parts else load_prompts(self.preset, "train")
+        self.eval_prompts = (parts["eval_prompts"] if "eval_prompts" in parts
+                             else load_prompts(self.preset, "test", n=self.sweep.eval_prompts))
         self.eval_seed = eval_seed
         self._reward_model = parts.get("reward_model")
         self._reward_cost = parts.get("reward_cost")
@@ -392,17 +395,18 @@ class Experiment:
         rm = self.reward_model_cost()
         score = ppo.reward_model_fn(reward_model, self.tokenizer.pad_token_id)
         held = (self.sft_policy, reward_model)
-        scores, rewards, lengths = [], [], []
+        scores, generations = [], []
         with torch.no_grad(), measure_cost(self.preset.device, held=held) as cost, \
                 seeded_sampling(seed, torch.device(self.preset.device)):
-            for _ in range(n_max):  # sample j of every prompt, then score it
+            for _ in range(n_max):  # sample j of every prompt, then score it with the reward model
                 generation = generate(self.sft_policy, self.tokenizer, self.eval_prompts,
                                       max_new_tokens=self.preset.max_new_tokens, temperature=1.0, top_k=0,
                                       top_p=1.0, max_prompt_tokens=self.preset.max_prompt_tokens)
                 scores.append(score(generation))
-                rewards.append(oracle_reward(generation.full_texts))
-                lengths.append(generation.response_mask.sum(1).to(torch.float64))
-        scores, rewards, lengths = torch.stack(scores), torch.stack(rewards), torch.stack(lengths)  # (N_max, P)
+                generations.append(generation)
+        scores = torch.stack(scores)  # (N_max, P); the oracle's scores below are evaluation, not cost
+        rewards = torch.stack([oracle_reward(g.full_texts) for g in generations])  # (N_max, P)
+        lengths = torch.stack([g.response_mask.sum(1).to(torch.float64) for g in generations])  # (N_max, P)
         runs = []
         for n in ns:
             best = scores[:n].argmax(dim=0, keepdim=True)  # (1, P)
@@ -453,7 +457,7 @@ def concave_frontier(kls, rewards) -> tuple[list[float], list[float]]:
     is the mixture of theirs and whose KL is at most the mixture of theirs (KL is convex), so the
     chord between two checkpoints lies on or under what is achievable.
     """
-    points = sorted(zip((float(k) for k in kls), (float(r) for r in rewards)))
+    points = sorted(zip((float(k) for k in kls), (float(r) for r in rewards)), key=lambda p: (p[0], -p[1]))
     hull: list[tuple[float, float]] = []
     for p in points:  # Andrew's monotone chain, upper half
         while len(hull) >= 2:
@@ -526,17 +530,25 @@ def frontier_gap(a: MethodData, b: MethodData, kl_grid: list[float], num_resampl
                  seed: int = 0) -> tuple[list[Interval], Interval]:
     """How far a's frontier lies above b's at each KL of kl_grid, and on average over the grid:
     paired bootstrap intervals, resampling prompts (and seeds, where both have the same seeds)."""
-    def gaps(ra, ka, rb, kb):
+    def gaps(ra, ka, rb, kb):  # (G + 1,): the gap at each KL of the grid, then their mean
         fa, fb = concave_frontier(*a.curve(ra, ka)), concave_frontier(*b.curve(rb, kb))
-        return torch.tensor([frontier_at(*fa, k) - frontier_at(*fb, k) for k in kl_grid])
+        values = torch.tensor([frontier_at(*fa, k) - frontier_at(*fb, k) for k in kl_grid], dtype=torch.float64)
+        return torch.cat([values, values.mean().reshape(1)])
 
-    shared_seeds = a.seeds == b.seeds
     samples = (a.rewards, a.kls, b.rewards, b.kls)
-    if not shared_seeds:  # resample prompts only: average over seeds first
+    if a.seeds != b.seeds:  # resample prompts only: average over seeds first
         samples = tuple(x.mean(0, keepdim=True) for x in samples)
-    per_kl = paired_bootstrap(lambda *x: gaps(*x), *samples, num_resamples=num_resamples, seed=seed, vector=True)
-    mean = paired_bootstrap(lambda *x: gaps(*x).mean(), *samples, num_resamples=num_resamples, seed=seed)
-    return per_kl, mean
+    intervals = paired_bootstrap(gaps, *samples, num_resamples=num_resamples, seed=seed, vector=True)
+    return intervals[:-1], intervals[-1]
+
+
+def frontier_band(a: MethodData, kl_grid: list[float], num_resamples: int = 1000, seed: int = 0) -> list[Interval]:
+    """a's frontier at each KL of kl_grid, with its bootstrap interval over prompts and seeds."""
+    def values(r, k):
+        f = concave_frontier(*a.curve(r, k))
+        return torch.tensor([frontier_at(*f, x) for x in kl_grid], dtype=torch.float64)
+
+    return paired_bootstrap(values, a.rewards, a.kls, num_resamples=num_resamples, seed=seed, vector=True)
 
 
 def point_gap(rewards: torch.Tensor, kls: torch.Tensor, b: MethodData, num_resamples: int = 1000,
@@ -623,6 +635,15 @@ def length_explained(lengths: torch.Tensor, curve: dict[int, float]) -> torch.Te
     return values[nearest]
 
 
+def length_controlled(data: MethodData, curve: dict[int, float], sft_lengths: torch.Tensor) -> MethodData:
+    """The same checkpoints with the reward that length alone explains taken out: each per-prompt
+    reward minus (length_explained(its length) - the mean length_explained of the SFT samples).
+    What is left is the reward a policy gains at the SFT policy's length."""
+    base = length_explained(sft_lengths, curve).mean()
+    adjusted = data.rewards - (length_explained(data.lengths, curve) - base)
+    return replace(data, rewards=adjusted)
+
+
 # ---- Tables -------------------------------------------------------------------------------------
 
 
@@ -672,9 +693,9 @@ def cost_to_reach(runs: list[Run], target: float) -> dict | None:
                                           "seconds": point.seconds, "oracle_reward": point.oracle_reward}
                 break
     seeds = sorted({r.seed for r in runs})
-    if len(per_seed) < len(seeds):
+    if not seeds or len(per_seed) < len(seeds):
         return None
     sequences = torch.tensor([per_seed[s]["sequences"] for s in seeds], dtype=torch.float64)
     seconds = torch.tensor([per_seed[s]["seconds"] for s in seeds], dtype=torch.float64)
-    return {"sequences": sequences.median().item(), "seconds": seconds.median().item(), "seeds": len(seeds),
+    return {"sequences": sequences.quantile(0.5).item(), "seconds": seconds.quantile(0.5).item(), "seeds": len(seeds),
             "per_seed": [per_seed[s] for s in seeds]}

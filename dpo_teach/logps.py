@@ -1,6 +1,6 @@
 """Sequence log-probabilities and the batch builder that every stage (SFT, reward, PPO, DPO) shares.
 
-Conventions (COURSE.md):
+Conventions (docs/conventions.md):
 - a prompt and its response are tokenized separately and their ids concatenated, so no BPE merge
   crosses the boundary; the prompt starts with EOS (GPT-2's document separator, used as a start
   token) and the response ends with EOS;

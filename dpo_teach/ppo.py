@@ -1,6 +1,6 @@
 """RLHF with PPO: rollouts, the KL-shaped reward, GAE, the clipped losses and a train loop, each a pure part.
 
-The objective is the one DPO starts from (COURSE.md, step 3):
+The objective is the one DPO starts from (docs/conventions.md, step 3):
 
     max_pi  E_{x, y ~ pi} [ r(x, y) ]  -  kl_coef * KL( pi(.|x) || pi_ref(.|x) )
 
@@ -9,7 +9,7 @@ optimised as in Ziegler et al. 2019 and InstructGPT (Ouyang et al. 2022) with PP
 penalty -kl_coef * (log pi(y_t|.) - log pi_ref(y_t|.)) and the last real token also earns the
 reward model's score; advantages come from GAE (Schulman et al. 2016) with a learnt value head.
 
-Conventions (COURSE.md): generation is left-padded, responses right-padded, masks come from lengths;
+Conventions (docs/conventions.md): generation is left-padded, responses right-padded, masks come from lengths;
 dropout is off in every model; the reference model is frozen. Shapes: B prompts, P prompt positions,
 R response positions, V vocabulary.
 """
@@ -386,7 +386,7 @@ def ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, rol
     device = next(model.parameters()).device
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clip_fraction",
                                                     "approx_kl", "value_clip_fraction")}
-    # the model stays in eval mode: with dropout off (COURSE.md) train and eval mode compute the same
+    # the model stays in eval mode: with dropout off (docs/conventions.md) train and eval mode compute the same
     for _ in range(config.num_epochs):
         for index in torch.randperm(num, generator=generator).chunk(config.num_minibatches):
             prompt_ids, prompt_mask, response_ids, response_mask, old_logps, old_values = _rows(rollout, index)
@@ -420,6 +420,7 @@ def peak_memory_mb(device: str | torch.device = "cpu") -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+@torch.enable_grad()  # training needs gradients even when called inside no_grad (e.g. lazily)
 def train_ppo(policy: nn.Module, ref_model: nn.Module, reward: nn.Module | RewardFn, tokenizer, prompts: list[str],
               config: PPOConfig = PPOConfig(), eval_fn: Callable[[nn.Module], dict] | None = None,
               progress: bool = True) -> dict[str, list]:

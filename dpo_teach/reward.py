@@ -3,7 +3,7 @@
 The reward model r_phi(x, y) reads prompt + response and returns one number: a linear head on the
 hidden state of the LAST REAL token (the EOS that ends the response). Which position that is comes
 from the attention mask (lengths), never from comparing ids with the pad id. It is fit to preference
-pairs by maximum likelihood under the Bradley-Terry model (COURSE.md, step 2):
+pairs by maximum likelihood under the Bradley-Terry model (docs/conventions.md, step 2):
 
     p(y_w > y_l | x) = sigma(r(x, y_w) - r(x, y_l)),   L_R = -log sigma(r(x, y_w) - r(x, y_l)).
 """
@@ -159,6 +159,7 @@ def score_texts(reward_model: RewardModel, tokenizer, prompts: list[str], respon
     return torch.cat(scores)
 
 
+@torch.enable_grad()  # training needs gradients even when called inside no_grad (e.g. lazily)
 def train_reward_model(reward_model: RewardModel, tokenizer, pairs, config: RewardConfig = RewardConfig(),
                        eval_pairs=None) -> dict:
     """Fit `reward_model` in place to `pairs` ({"prompt", "chosen", "rejected"}) with the BT loss.

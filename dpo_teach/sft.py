@@ -1,6 +1,6 @@
 """Supervised fine-tuning (SFT): the loss, a plain training loop, and held-out perplexity.
 
-The SFT objective (COURSE.md, step 1) is the mean negative log-likelihood of the response tokens,
+The SFT objective (docs/conventions.md, step 1) is the mean negative log-likelihood of the response tokens,
 
     L_SFT = -1/T sum_t log p(y_t | x, y_<t),
 
@@ -103,6 +103,7 @@ def perplexity(model, tokenizer, records: list[dict], response_key: str = "compl
     return math.exp(-total_logps / total_tokens)
 
 
+@torch.enable_grad()  # training needs gradients even when called inside no_grad (e.g. lazily)
 def train_sft(policy, tokenizer, records: list[dict], config: SFTConfig = SFTConfig(),
               response_key: str = "completion", eval_records: list[dict] | None = None) -> dict:
     """Fine-tune `policy` in place on `records` ({"prompt", response_key}) by minimising L_SFT.

@@ -119,7 +119,7 @@ def run_sweep(preset: Preset | None = None, sweep: SweepConfig | None = None, ou
                                      for key, value in samples.items()})
             continue
         runs = run_job(experiment, method, kwargs)
-        _write_json(out / "runs" / name, {"runs": [run_to_dict(r) for r in runs],
+        _write_json(out / "runs" / name, {"runs": [run_to_dict(r) for r in runs], "commit": _commit(),
                                           "seconds": time.perf_counter() - start})
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     _write_json(meta_path, meta)
