@@ -69,24 +69,27 @@ class SweepConfig:
     eval_prompts: int  # held-out prompts per evaluation
     samples_per_prompt: int  # responses per prompt per evaluation (same sampling seed for every policy)
     ideal_samples: int = 0  # SFT samples per prompt for the ideal frontier (0: not estimated)
+    ppo_kl_horizon: int = 10_000  # responses over which the adaptive KL controller closes the gap (Ziegler et al.)
 
 
 SWEEPS = {
     # CPU, 2 cores, about 40 minutes (`python -m dpo_teach.sweep --preset tiny`): 3 betas, 3 fixed
-    # KL coefficients (notebook 07's 0.1 among them) and one KL target, PPO-GT, 3 seeds; DPO for one
+    # KL coefficients (notebook 07's 0.1 among them) and two KL targets, PPO-GT, 3 seeds; DPO for one
     # pass over all 2,362 pairs (74 x 32: every label the reward model was fitted to), PPO for
     # notebook 07's 40 rollout batches; every checkpoint on 256 held-out prompts x 2 samples (512
-    # samples, the same for every policy); the ideal frontier from 64 SFT samples per prompt.
-    "tiny": SweepConfig(dpo_betas=(0.05, 0.1, 0.5), ppo_kl_coefs=(0.05, 0.1, 0.2), ppo_target_kls=(4.0,),
+    # samples, the same for every policy); the ideal frontier from 64 SFT samples per prompt. The
+    # adaptive controller's horizon is sized to the run: 40 x 32 = 1,280 responses, so a horizon of
+    # 256 lets the coefficient move by up to 2.5% a step (Ziegler et al.'s 10,000 would hardly move it).
+    "tiny": SweepConfig(dpo_betas=(0.05, 0.1, 0.5), ppo_kl_coefs=(0.05, 0.1, 0.2), ppo_target_kls=(3.0, 6.0),
                         ppo_gt_kl_coefs=(0.1,), seeds=(0, 1, 2), best_of_n=(2, 4, 8, 16), dpo_steps=74,
                         dpo_eval_every=15, ppo_steps=40, ppo_eval_every=10, preferred_ft_steps=74,
-                        eval_prompts=256, samples_per_prompt=2, ideal_samples=64),
+                        eval_prompts=256, samples_per_prompt=2, ideal_samples=64, ppo_kl_horizon=256),
     # GPU: the paper's grid of four betas, four KL coefficients and two targets, three seeds, PPO-GT.
     "gpt2": SweepConfig(dpo_betas=(0.05, 0.1, 1.0, 5.0), ppo_kl_coefs=(0.02, 0.05, 0.1, 0.2),
                         ppo_target_kls=(6.0, 12.0), ppo_gt_kl_coefs=(0.05, 0.1), seeds=(0, 1, 2),
                         best_of_n=(2, 4, 16, 64), dpo_steps=600, dpo_eval_every=100, ppo_steps=200,
                         ppo_eval_every=25, preferred_ft_steps=300, eval_prompts=512, samples_per_prompt=1,
-                        ideal_samples=64),
+                        ideal_samples=64, ppo_kl_horizon=1280),
 }
 
 LIVE_SWEEPS = {
@@ -327,7 +330,8 @@ class Experiment:
     def ppo(self, kl_coef: float, seed: int = 0, ground_truth: bool = False, target_kl: float | None = None) -> Run:
         """PPO from SFT against the reward model (or, with ground_truth, the oracle: "PPO-GT"); with
         target_kl, the KL coefficient starts at kl_coef and adapts towards that sequence KL."""
-        config = ppo.PPOConfig(kl_coef=kl_coef, target_kl=target_kl, seed=seed, num_steps=self.sweep.ppo_steps,
+        config = ppo.PPOConfig(kl_coef=kl_coef, target_kl=target_kl, kl_horizon=self.sweep.ppo_kl_horizon,
+                               seed=seed, num_steps=self.sweep.ppo_steps,
                                eval_every=self.sweep.ppo_eval_every, max_new_tokens=self.preset.max_new_tokens,
                                max_prompt_tokens=self.preset.max_prompt_tokens)
         reward = ppo.oracle_fn if ground_truth else self.reward_model
