@@ -12,7 +12,8 @@ feedback", arXiv 2402.04792):
         DPO steps on the new pairs, against the FIXED reference model (the SFT policy)
 
 One oracle label is one comparison of two responses (two texts scored). `label_matched_pairs`
-gives the offline baseline the same number of labels.
+gives the offline baseline the same number of labels; `one_pair_per_prompt` gives it one label on
+each of the online run's prompts.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ def sample_pairs(policy, tokenizer, prompts: list[str], oracle=oracle_reward, se
     Returns (pairs, counts): pairs are {"prompt", "chosen", "rejected", "chosen_score",
     "rejected_score"}, chosen being the response with the higher score; counts has "labels"
     (comparisons asked, one per prompt), "oracle_calls" (texts scored), "ties" (equal scores, which
-    includes identical responses), "empty" (a blank response: nothing to train on), "pairs" and
-    "mean_score" (the mean oracle score of the samples: the policy's own reward, for free).
+    includes identical responses), "empty" (a blank response: nothing to train on), "pairs",
+    "mean_score" (the mean oracle score of the samples: the policy's own reward, for free) and
+    "prompt_scores" (the mean score of each prompt's two samples, a list in prompt order, ties and
+    blanks included).
     """
     repeated = [p for p in prompts for _ in range(2)]  # the samples of prompt i are rows 2i and 2i + 1
     with seeded_sampling(seed, next(policy.parameters()).device):
@@ -55,7 +58,8 @@ def sample_pairs(policy, tokenizer, prompts: list[str], oracle=oracle_reward, se
     scores = [float(s) for s in oracle(generation.full_texts)]
     texts = generation.texts
     counts = dict(labels=len(prompts), oracle_calls=len(texts), ties=0, empty=0, pairs=0,
-                  mean_score=sum(scores) / len(scores))
+                  mean_score=sum(scores) / len(scores),
+                  prompt_scores=[(scores[2 * i] + scores[2 * i + 1]) / 2 for i in range(len(prompts))])
     pairs = []
     for i, prompt in enumerate(prompts):
         a, b = 2 * i, 2 * i + 1
@@ -99,7 +103,8 @@ def online_dpo(policy, ref_model, tokenizer, prompts: list[str], config: DPOConf
 
     History, one entry per round: "round", cumulative "labels" (comparisons asked of the oracle,
     ties included), "oracle_calls", "pairs", "ties", "empty", "steps" and "seconds"; "round_pairs";
-    "sample_reward" (mean oracle score of the round's samples); the means over the round's steps
+    "sample_reward" (mean oracle score of the round's samples) and "sample_scores" (the list of
+    each prompt's mean score, see sample_pairs); the means over the round's steps
     of "loss", "rewards/margins" and "rewards/accuracies" (nan when a round has no pair). With
     eval_fn(policy) -> dict: "eval_round" (0 = before training), "eval_labels" and "eval/<key>".
     "collected_pairs": every pair used, with its "round".
@@ -128,7 +133,7 @@ def online_dpo(policy, ref_model, tokenizer, prompts: list[str], config: DPOConf
             totals[key] += counts[key]
         totals["steps"] += steps
         _append(history, round=r, **totals, seconds=time.perf_counter() - start, round_pairs=len(pairs),
-                sample_reward=counts["mean_score"],
+                sample_reward=counts["mean_score"], sample_scores=counts["prompt_scores"],
                 **{key: _mean(round_history.get(key, [])) for key in ("loss", "rewards/margins", "rewards/accuracies")})
         history["collected_pairs"].extend({**pair, "round": r} for pair in pairs)
         if eval_fn is not None:
@@ -158,7 +163,8 @@ def _record_eval(history: dict, policy, eval_fn, round_index: int, labels: int) 
 def label_matched_pairs(pairs, num_labels: int, seed: int | None = None):
     """The offline baseline on the online run's label budget: `num_labels` offline pairs (one label
     each), the first ones, or a seeded random subset with `seed` (the offline pairs come several per
-    prompt, in prompt order, so the first ones cover few prompts). A Dataset stays a Dataset.
+    prompt, in prompt order, so the first ones cover few prompts: see one_pair_per_prompt for a
+    baseline on as many prompts as the online run). A Dataset stays a Dataset.
 
     The offline data set has already dropped its ties, which also cost labels: at equal labels
     the offline baseline gets slightly more pairs than this count suggests."""
@@ -169,6 +175,37 @@ def label_matched_pairs(pairs, num_labels: int, seed: int | None = None):
         indices = list(range(num_labels))
     else:
         indices = sorted(torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:num_labels].tolist())
+    return _select(pairs, indices)
+
+
+def one_pair_per_prompt(pairs, prompts: int | list[str], seed: int = 0):
+    """The offline baseline of an online run that asks one label on each of its prompts: one offline
+    pair (one label) on each of `prompts` DISTINCT prompts. `prompts` is a list of distinct prompts
+    (e.g. the online run's own; each must have a pair in `pairs`) or a number of prompts drawn at
+    random, seeded, among those of `pairs`. The pair of each prompt is a seeded random one of its
+    pairs; the pairs keep their order in `pairs`. A Dataset stays a Dataset."""
+    records = _records(pairs)
+    by_prompt: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        by_prompt.setdefault(record["prompt"], []).append(i)
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(prompts, int):
+        if not 0 < prompts <= len(by_prompt):
+            raise ValueError(f"prompts must lie in 1..{len(by_prompt)} (the number of distinct prompts of the pairs), "
+                             f"got {prompts}")
+        names = list(by_prompt)
+        prompts = [names[i] for i in torch.randperm(len(names), generator=generator)[:prompts].tolist()]
+    elif len(set(prompts)) != len(prompts):
+        raise ValueError("prompts must be distinct: one pair per prompt")
+    missing = [p for p in prompts if p not in by_prompt]
+    if missing:
+        raise ValueError(f"{len(missing)} of the prompts have no pair, e.g. {missing[0]!r}")
+    indices = sorted(by_prompt[p][int(torch.randint(len(by_prompt[p]), (), generator=generator))] for p in prompts)
+    return _select(pairs, indices)
+
+
+def _select(pairs, indices: list[int]):
+    """The records of `pairs` at `indices`: a Dataset stays a Dataset, anything else becomes a list."""
     if hasattr(pairs, "select"):  # a datasets.Dataset
         return pairs.select(indices)
     records = _records(pairs)

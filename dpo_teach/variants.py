@@ -6,7 +6,7 @@ tensors in, per-example losses and (detached) implicit rewards out. They differ 
   variant  needs a reference?  log-probs         data       paper
   sigmoid  yes                 sum               pairs      DPO, Rafailov et al. 2023
   cdpo     yes                 sum               pairs      conservative DPO, Mitchell 2023
-  hinge    yes                 sum               pairs      SLiC, Zhao et al. 2023
+  hinge    yes                 sum               pairs      hinge on log-ratios, RSO (Liu et al. 2023)
   ipo      yes                 mean (per token)  pairs      IPO, Azar et al. 2023
   simpo    no                  mean              pairs      SimPO, Meng et al. 2024
   orpo     no                  mean              pairs      ORPO, Hong et al. 2024
@@ -42,6 +42,7 @@ from dpo_teach.dpo import (
     train_dpo,
     training_loop,
 )
+from dpo_teach.evaluation import generation_logps
 from dpo_teach.logps import build_batch, model_sequence_logps
 from dpo_teach.sampling import generate
 
@@ -62,8 +63,11 @@ def _check_tensors(named: dict[str, Tensor], beta: float | None = None) -> None:
 
 def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                beta: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
-    """SLiC's hinge loss (Zhao et al. 2023, arXiv 2305.10425) on DPO's margin h of log-ratios:
-    relu(1 - beta h). dpo_loss(..., loss_type="hinge")."""
+    """The hinge loss on DPO's margin h of log-ratios, relu(1 - beta h): the "hinge-norm" loss of RSO
+    (Liu et al. 2023, "Statistical Rejection Sampling Improves Preference Optimization", arXiv
+    2309.06657), TRL's loss_type="hinge". It is SLiC-HF's calibration hinge (Zhao et al. 2023, arXiv
+    2305.10425), max(0, delta - log pi(y_w|x) + log pi(y_l|x)) on log-probabilities, moved onto
+    log-ratios to pi_ref: no push once beta h >= 1 (margin 1/beta). dpo_loss(..., loss_type="hinge")."""
     return dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                     beta=beta, loss_type="hinge")
 
@@ -71,8 +75,10 @@ def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
 def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
              beta: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
     """IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17): (h - 1/(2 beta))^2, minimal at the margin
-    h = 1/(2 beta) instead of pushing h to infinity. Pass mean (per-token) log-probs, as IPO's
-    authors do. dpo_loss(..., loss_type="ipo")."""
+    h = 1/(2 beta) instead of pushing h to infinity; beta is the paper's regulariser tau. The paper
+    writes the loss on sequence log-probs; TRL uses mean (per-token) log-probs, on the advice of
+    IPO's authors (Hugging Face blog "Preference Tuning LLMs with Direct Preference Optimization
+    Methods", 2024), and so does the course (VARIANT_SETTINGS). dpo_loss(..., loss_type="ipo")."""
     return dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                     beta=beta, loss_type="ipo")
 
@@ -257,14 +263,17 @@ class VariantConfig(DPOConfig):
             raise ValueError("cdpo needs label_smoothing > 0 (with 0 it is plain DPO, loss_type='sigmoid')")
 
 
-VARIANT_SETTINGS = {  # what each variant changes in a DPO configuration
-    "sigmoid": {},
-    "cdpo": {"label_smoothing": 0.1},
-    "hinge": {},
-    "ipo": {"average_logps": True, "beta": 0.5},  # target margin 1/(2 beta) = 1 nat per token
-    "simpo": {"average_logps": True, "beta": 2.0, "simpo_gamma": 1.0},  # gamma / beta = 0.5
-    "orpo": {"average_logps": True, "orpo_lambda": 0.1},
-    "kto": {},
+VARIANT_SETTINGS = {  # what each variant changes in a DPO configuration, and where the value comes from
+    "sigmoid": {},  # beta = 0.1 (DPOConfig's, TRL's default)
+    "cdpo": {"label_smoothing": 0.1},  # eps = 0.1: the course's choice (one label in ten taken as flipped)
+    "hinge": {},  # beta = 0.1 as DPO: the course's choice; the hinge stops at h = 1/beta = 10 nats
+    # IPO: beta is the paper's tau; 0.5 (target margin 1/(2 tau) = 1 nat per token on mean log-probs)
+    # is the course's choice, not a value from Azar et al. 2023
+    "ipo": {"average_logps": True, "beta": 0.5},
+    # SimPO: beta = 2, gamma / beta = 0.5, the SimPO repository's setting for Llama-3-8B-Base
+    "simpo": {"average_logps": True, "beta": 2.0, "simpo_gamma": 1.0},
+    "orpo": {"average_logps": True, "orpo_lambda": 0.1},  # lambda = 0.1, the ORPO authors' for Mistral-ORPO
+    "kto": {},  # beta = 0.1 as DPO (TRL's KTOConfig default), lambda_D = lambda_U = 1
 }
 
 
@@ -481,7 +490,8 @@ def make_probes(train_pairs, eval_pairs=None, policy=None, tokenizer=None, n: in
           data of this prompt);
       "eval_chosen": held-out chosen responses (with eval_pairs);
       "greedy": the greedy response of `policy` (pass the SFT policy, before training) to the
-          training prompts (with policy and tokenizer); empty responses are left out.
+          training prompts (with policy and tokenizer), a fixed text; empty responses are left out.
+          ProbeRecorder follows the greedy response of the policy being trained instead.
     """
     records = _records(train_pairs)
     picked = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[:n].tolist()
@@ -507,3 +517,63 @@ def _other_prompt(sample: list[dict], i: int) -> dict:
         if other["prompt"] != sample[i]["prompt"]:
             return other
     raise ValueError("every probe record has the same prompt: no response of another prompt to take")
+
+
+class ProbeRecorder:
+    """An eval_fn for train_dpo and train_variant that keeps the log-prob of EVERY probe record at
+    every evaluation point (the `probes` argument of train_dpo keeps only each set's mean), so that a
+    change gets an interval over the records; and, given greedy_prompts, the policy's own mode:
+
+      "greedy": the greedy response of the CURRENT policy to each prompt, decoded anew at every
+          evaluation point, and its log-prob under that policy: if it rises, probability mass
+          concentrates on the policy's most likely response (Ren & Sutherland's "squeezing");
+      "first_greedy": the greedy responses decoded at the first evaluation point (the policy before
+          training), scored again at every point: does the starting mode keep its mass?
+
+    Log-probs are summed over the response's tokens (EOS included where generated); the greedy
+    responses are scored on their own token ids (no decode and re-encode). After training,
+    recorder[name] is a (T, N) tensor, T evaluation points by N records, and recorder.tokens(name)
+    the lengths in tokens of the greedy responses, (T, N); recorder.first_generation and
+    recorder.last_generation hold the greedy responses themselves (sampling.Generation). Calling it
+    returns each set's mean (what train_dpo records as "eval/<name>"); it draws no random numbers
+    and changes nothing in training.
+    """
+
+    def __init__(self, tokenizer, probes: dict[str, list[dict]] | None = None, greedy_prompts=None,
+                 max_new_tokens: int = 40, max_prompt_tokens: int | None = 16,
+                 max_response_tokens: int | None = None):
+        self.tokenizer, self.probes = tokenizer, dict(probes or {})
+        self.greedy_prompts = list(greedy_prompts or [])
+        self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
+        self.max_response_tokens = max_response_tokens
+        self.logps: dict[str, list[Tensor]] = {}  # name -> one (N,) tensor per evaluation point
+        self.lengths: dict[str, list[Tensor]] = {}  # the greedy sets' response lengths, likewise
+        self.first_generation = self.last_generation = None
+
+    @torch.no_grad()
+    def __call__(self, policy) -> dict[str, float]:
+        for name, records in self.probes.items():
+            self.logps.setdefault(name, []).append(probe_logps(
+                policy, self.tokenizer, records, max_prompt_tokens=self.max_prompt_tokens,
+                max_response_tokens=self.max_response_tokens))
+        if self.greedy_prompts:
+            generation = generate(policy, self.tokenizer, self.greedy_prompts, max_new_tokens=self.max_new_tokens,
+                                  temperature=0.0, max_prompt_tokens=self.max_prompt_tokens)
+            if self.first_generation is None:
+                self.first_generation = generation
+            self.last_generation = generation
+            was_training = policy.training
+            policy.eval()
+            for name, responses in (("greedy", generation), ("first_greedy", self.first_generation)):
+                self.logps.setdefault(name, []).append(generation_logps(policy, responses).cpu())
+                self.lengths.setdefault(name, []).append(responses.response_mask.sum(1).cpu())
+            policy.train(was_training)
+        return {name: values[-1].mean().item() for name, values in self.logps.items()}
+
+    def __getitem__(self, name: str) -> Tensor:
+        """The log-probs of probe set `name`: (T, N), one row per evaluation point."""
+        return torch.stack(self.logps[name])
+
+    def tokens(self, name: str) -> Tensor:
+        """The response lengths in tokens of greedy set `name` ("greedy" or "first_greedy"): (T, N)."""
+        return torch.stack(self.lengths[name]).to(torch.float64)

@@ -12,7 +12,13 @@ import torch
 from dpo_teach import online
 from dpo_teach.dpo import DPOConfig
 from dpo_teach.models import frozen_copy
-from dpo_teach.online import label_matched_pairs, online_dpo, round_prompts, sample_pairs
+from dpo_teach.online import (
+    label_matched_pairs,
+    one_pair_per_prompt,
+    online_dpo,
+    round_prompts,
+    sample_pairs,
+)
 
 PROMPTS = ["I watched", "The acting was", "What a", "The plot", "This film", "My friends"]
 CONFIG = DPOConfig(beta=0.5, batch_size=4, lr=5e-3, warmup_steps=1, seed=3)
@@ -105,7 +111,8 @@ def test_sample_pairs_skips_empty_and_identical_responses(tokenizer, monkeypatch
     scores = {"a good": 0.9, "a bad": -0.5, "c same": 0.1, "d meh": 0.0, "d meh.": 0.2}
     model = torch.nn.Linear(1, 1)
     pairs, counts = sample_pairs(model, tokenizer, prompts, lambda full: torch.tensor([scores.get(t, 0.0) for t in full]))
-    assert counts == dict(labels=4, oracle_calls=8, ties=1, empty=1, pairs=2, mean_score=pytest.approx(0.8 / 8))
+    assert counts == dict(labels=4, oracle_calls=8, ties=1, empty=1, pairs=2, mean_score=pytest.approx(0.8 / 8),
+                          prompt_scores=pytest.approx([0.2, 0.0, 0.1, 0.1]))
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("a", " good", " bad"), ("d", " meh.", " meh")]
 
 
@@ -123,3 +130,34 @@ def test_label_matched_pairs():
     assert isinstance(dataset, datasets.Dataset) and dataset.to_list() == records[:3]
     with pytest.raises(ValueError, match="num_labels must lie in 1..10"):
         label_matched_pairs(records, 11)
+
+
+def test_one_pair_per_prompt():
+    # 14 pairs on 5 prompts, several per prompt and in prompt order, as the offline data set comes
+    records = [{"prompt": p, "chosen": f" a{i}", "rejected": " b"} for i, p in enumerate("aaabbbbcddddee")]
+    picked = one_pair_per_prompt(records, 4, seed=1)
+    assert len(picked) == 4 and len({r["prompt"] for r in picked}) == 4  # four distinct prompts, one pair each
+    assert picked == one_pair_per_prompt(records, 4, seed=1)  # seeded
+    assert [records.index(r) for r in picked] == sorted(records.index(r) for r in picked)  # the data set's order
+    assert sorted(r["prompt"] for r in one_pair_per_prompt(records, 5)) == list("abcde")
+    given = one_pair_per_prompt(records, ["d", "a"], seed=2)  # the online run's prompts
+    assert [r["prompt"] for r in given] == ["a", "d"]
+    draws = {tuple(r["chosen"] for r in one_pair_per_prompt(records, 5, seed=s)) for s in range(8)}
+    assert len(draws) > 1  # the pair of each prompt is drawn at random, not always its first
+    dataset = one_pair_per_prompt(datasets.Dataset.from_list(records), 4, seed=1)
+    assert isinstance(dataset, datasets.Dataset) and dataset.to_list() == picked
+    with pytest.raises(ValueError, match="prompts must lie in 1..5"):
+        one_pair_per_prompt(records, 6)
+    with pytest.raises(ValueError, match="1 of the prompts have no pair, e.g. 'z'"):
+        one_pair_per_prompt(records, ["a", "z"])
+    with pytest.raises(ValueError, match="distinct"):
+        one_pair_per_prompt(records, ["a", "a"])
+
+
+def test_sample_scores_are_recorded_per_prompt(tiny_model, tokenizer):
+    oracle = RecordingOracle()
+    _, history = run(tiny_model, tokenizer, 2, oracle)
+    for round_index, scores in enumerate(history["sample_scores"]):
+        given = [oracle.scores[t] for t in oracle.calls[round_index]]  # rows 2i and 2i + 1: prompt i
+        assert scores == pytest.approx([(given[2 * i] + given[2 * i + 1]) / 2 for i in range(len(PROMPTS))])
+        assert sum(scores) / len(scores) == pytest.approx(history["sample_reward"][round_index])

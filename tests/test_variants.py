@@ -29,6 +29,7 @@ from dpo_teach.dpo import DPOConfig, dpo_loss, precompute_ref_logps, probe_logps
 from dpo_teach.models import frozen_copy
 from dpo_teach.variants import (
     VARIANTS,
+    ProbeRecorder,
     VariantConfig,
     cdpo_loss,
     hinge_loss,
@@ -487,6 +488,40 @@ def test_probes_are_recorded_and_change_nothing(tiny_model, tokenizer):
         assert values[-1] == pytest.approx(probe_logps(policy, tokenizer, records).mean().item(), abs=1e-5)
     assert with_probes["probe/train_chosen"][-1] - with_probes["probe/train_rejected"][-1] > (
         with_probes["probe/train_chosen"][0] - with_probes["probe/train_rejected"][0])
+
+
+def test_probe_recorder_keeps_every_record_and_the_current_greedy_response(tiny_model, tokenizer):
+    from dpo_teach.evaluation import generation_logps
+    from dpo_teach.sampling import generate
+
+    probes = make_probes(PAIRS, n=4)
+    prompts = [r["prompt"] for r in probes["train_chosen"]]
+    recorder = ProbeRecorder(tokenizer, probes, greedy_prompts=prompts, max_new_tokens=6)
+    config = DPOConfig(num_steps=6, batch_size=4, lr=2e-3, eval_every=3)
+    ref = frozen_copy(tiny_model)
+    policy = copy.deepcopy(tiny_model)
+    history = train_dpo(policy, tokenizer, PAIRS, config, ref_model=ref, eval_fn=recorder, progress=False)
+    without = train_dpo(copy.deepcopy(tiny_model), tokenizer, PAIRS, config, ref_model=ref, progress=False)
+    assert history["loss"] == without["loss"]  # recording changes nothing in training
+    assert history["eval_step"] == [0, 3, 6]
+    for name, records in probes.items():  # every record, at every point; the means go to the history
+        assert recorder[name].shape == (3, 4)
+        torch.testing.assert_close(recorder[name][0], probe_logps(tiny_model, tokenizer, records))
+        torch.testing.assert_close(recorder[name][-1], probe_logps(policy, tokenizer, records))
+        assert history[f"eval/{name}"] == pytest.approx(recorder[name].mean(1).tolist(), abs=1e-6)
+    # "greedy": the greedy response of the policy at that point, scored by that policy
+    for model, row in ((tiny_model, 0), (policy, -1)):
+        generation = generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0.0, max_prompt_tokens=16)
+        torch.testing.assert_close(recorder["greedy"][row], generation_logps(model, generation))
+        assert recorder.tokens("greedy")[row].tolist() == generation.response_mask.sum(1).tolist()
+        kept = recorder.first_generation if row == 0 else recorder.last_generation
+        assert torch.equal(kept.response_ids, generation.response_ids)
+    # "first_greedy": the responses decoded before training, scored again by the trained policy
+    first = generate(tiny_model, tokenizer, prompts, max_new_tokens=6, temperature=0.0, max_prompt_tokens=16)
+    torch.testing.assert_close(recorder["first_greedy"][-1], generation_logps(policy, first))
+    torch.testing.assert_close(recorder["first_greedy"][0], recorder["greedy"][0])
+    assert (recorder.tokens("first_greedy") == recorder.tokens("first_greedy")[0]).all()
+    assert not torch.equal(recorder["greedy"][-1], recorder["greedy"][0])  # training moved the mode's log-prob
 
 
 @pytest.mark.parametrize("loss_type", ["simpo", "kto"])
