@@ -71,8 +71,8 @@ def dpo_loss(
         ref_chosen_logps: log pi_ref(y_w|x) under the frozen reference model. Shape: (B,)
         ref_rejected_logps: log pi_ref(y_l|x) under the reference model. Shape: (B,)
         beta: strength of the KL regularisation towards pi_ref (the paper's beta).
-        loss_type: "sigmoid" (DPO, Rafailov et al. 2023, Eq. 7), "hinge" (SLiC, Zhao et al. 2023:
-            relu(1 - beta h)) or "ipo" (Azar et al. 2023, Eq. 17: (h - 1/(2 beta))^2; IPO's authors
+        loss_type: "sigmoid" (DPO, Rafailov et al. 2023, Eq. 7), "hinge" (the hinge on log-ratios of RSO,
+            Liu et al. 2023: relu(1 - beta h); not SLiC-HF's calibration loss on log-probs) or "ipo" (Azar et al. 2023, Eq. 17: (h - 1/(2 beta))^2; IPO's authors
             use length-normalised (mean) log-probs, so pass those for IPO).
         label_smoothing: eps of conservative DPO (the official DPO code, Mitchell 2023): the label
             is taken to be flipped with probability eps, giving
@@ -119,7 +119,7 @@ class DPOConfig:
     """One DPO run. CPU-sized defaults (the "tiny" preset); presets replace fields."""
 
     beta: float = 0.1  # strength of the pull towards the reference model (the paper's beta)
-    loss_type: str = "sigmoid"  # "sigmoid" (DPO), "hinge" (SLiC) or "ipo"
+    loss_type: str = "sigmoid"  # "sigmoid" (DPO), "hinge" (RSO's hinge) or "ipo"
     label_smoothing: float = 0.0  # eps of conservative DPO (sigmoid loss only)
     average_logps: bool = False  # mean instead of sum of token log-probs (IPO-style); sum is the paper's
     num_steps: int = 60  # optimizer steps (60 x 32 pairs: each pair of the tiny preset at most once)
