@@ -7,7 +7,7 @@ for checkpoints along each training run. This module runs that experiment in the
 - every method starts from the same SFT policy (notebook 05), which is also pi_ref;
 - every method consumes the same labelled pairs: DPO trains on exactly the pairs the reward model
   of PPO and best-of-N was fitted to (same prompts, same number of labels);
-- every checkpoint is evaluated the same way (`Experiment.evaluate`): `samples_per_prompt` responses
+- every checkpoint is evaluated the same way (`Experiment.evaluate_samples`): `samples_per_prompt` responses
   to each of the same held-out prompts, sampled at temperature 1 with the same sampling seed
   (a paired design), scored by the oracle, with the sequence-level KL estimated from the same
   samples; the per-prompt numbers are kept, so that every comparison gets a paired bootstrap
@@ -413,10 +413,9 @@ class Experiment:
         lengths = torch.stack([g.response_mask.sum(1).to(torch.float64) for g in generations])  # (N_max, P)
         runs = []
         for n in ns:
-            best = scores[:n].argmax(dim=0, keepdim=True)  # (1, P)
             seconds = cost.seconds * n / n_max + rm["seconds"]
-            point = _point("Best-of-N", f"N={n}", seed, 0, rewards[:n].gather(0, best).squeeze(0),
-                           torch.full((num,), best_of_n_kl(n)), lengths[:n].gather(0, best).squeeze(0),
+            point = _point("Best-of-N", f"N={n}", seed, 0, best_of_n_rewards(scores, rewards, n),
+                           torch.full((num,), best_of_n_kl(n)), best_of_n_rewards(scores, lengths, n),
                            seconds=seconds, sequences=2 * n * num + rm["forward_sequences"] + rm["backward_sequences"])
             runs.append(Run("Best-of-N", f"N={n}", seed, [point], {
                 "seconds": seconds, "peak_memory_mb": max(cost.peak_memory_mb, rm["peak_memory_mb"]),
