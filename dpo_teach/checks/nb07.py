@@ -3,7 +3,7 @@
 Each check runs the learner's function and the reference of dpo_teach.ppo on seeded random
 right-padded batches whose padding holds garbage (so a function that lets padding in is caught),
 names the typical mistake when one reproduces the learner's output, and raises AssertionError.
-The recipe is the one of dpo_teach.checks (`compare_with_reference`).
+The recipe is the one of dpo_teach.checks.engine (`compare_with_reference`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 
 from dpo_teach import ppo
-from dpo_teach.checks import Case, Inputs, Mistake, compare_with_reference
+from dpo_teach.checks.engine import Case, Inputs, Mistake, compare_with_reference
+
+__all__ = ["check_clipped_policy_loss", "check_gae", "check_kl_penalty_rewards"]
 
 
 def _right_padded_mask(generator: torch.Generator, batch: int = 6, width: int = 8) -> Tensor:
