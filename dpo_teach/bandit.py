@@ -20,6 +20,10 @@ from torch import Tensor
 
 from dpo_teach.dpo import dpo_loss
 
+__all__ = ["Bandit", "Preferences", "make_bandit", "optimal_policy", "log_partition", "kl_divergence",
+           "expected_reward", "rlhf_objective", "bt_probability", "bt_nll", "sample_preferences",
+           "center_rewards", "win_counts", "fit_bt_rewards", "train_tabular_dpo"]
+
 
 @dataclass(frozen=True)
 class Bandit:
@@ -68,7 +72,7 @@ def make_bandit(
 # ---- The KL-regularised objective and its optimum (notebook 02) ------------------------------------
 
 
-def optimal_policy(pi_ref: Tensor, reward: Tensor, beta: float) -> Tensor:
+def optimal_policy(pi_ref: torch.Tensor, reward: torch.Tensor, beta: float) -> torch.Tensor:
     """pi*(y|x) = pi_ref(y|x) exp(r(x,y) / beta) / Z(x), the optimum of the KL-regularised objective.
 
     Computed as softmax(log pi_ref + reward / beta) over the last dimension: softmax subtracts the
@@ -83,7 +87,7 @@ def log_partition(pi_ref: Tensor, reward: Tensor, beta: float) -> Tensor:
     return torch.logsumexp(torch.log(pi_ref) + reward / beta, dim=-1)
 
 
-def kl_divergence(policy: Tensor, pi_ref: Tensor) -> Tensor:
+def kl_divergence(policy: torch.Tensor, pi_ref: torch.Tensor) -> torch.Tensor:
     """KL(policy || pi_ref) = sum_y policy(y) log(policy(y) / pi_ref(y)), with 0 log 0 = 0.
 
     Shape: (..., K) -> (...).
@@ -96,23 +100,24 @@ def expected_reward(policy: Tensor, reward: Tensor) -> Tensor:
     return (policy * reward).sum(dim=-1)
 
 
-def rlhf_objective(policy: Tensor, pi_ref: Tensor, reward: Tensor, beta: float) -> Tensor:
+def rlhf_objective(policy: torch.Tensor, pi_ref: torch.Tensor, reward: torch.Tensor,
+                   beta: float) -> torch.Tensor:
     """E_{y ~ policy} r(x,y) - beta KL(policy(.|x) || pi_ref(.|x)), per prompt. Shape: (..., K) -> (...).
 
     The KL-regularised objective of RLHF (Ziegler et al. 2019; Rafailov et al. 2023, Eq. 3).
     """
-    return expected_reward(policy, reward) - beta * kl_divergence(policy, pi_ref)
+    return (policy * reward).sum(dim=-1) - beta * kl_divergence(policy, pi_ref)
 
 
 # ---- Bradley-Terry preferences (notebook 01) --------------------------------------------------------
 
 
-def bt_probability(reward_chosen: Tensor, reward_rejected: Tensor) -> Tensor:
+def bt_probability(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> torch.Tensor:
     """p(y_w > y_l) = sigma(r(y_w) - r(y_l)) under Bradley-Terry (1952). Shape: (N,) -> (N,)."""
     return torch.sigmoid(reward_chosen - reward_rejected)
 
 
-def bt_nll(reward_chosen: Tensor, reward_rejected: Tensor) -> Tensor:
+def bt_nll(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> torch.Tensor:
     """-log sigma(r(y_w) - r(y_l)), per comparison, via logsigmoid (finite for any margin).
 
     Shape: (N,) -> (N,). The negative log-likelihood of one observed preference under Bradley-Terry.

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+__all__ = ["Cost", "models_mb", "measure_cost"]
+
 
 @dataclass
 class Cost:

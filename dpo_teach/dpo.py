@@ -7,15 +7,18 @@ GPT-2 policy of notebook 08.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from dpo_teach.logps import build_batch, gradient_step, model_sequence_logps, shuffled_batches
+from dpo_teach.logps import build_batch, model_sequence_logps
+from dpo_teach.settings import DPOConfig
+from dpo_teach.training import eval_fn_numbers, train
+from dpo_teach.utils import shuffled_batches
+
+__all__ = ["LOSS_TYPES", "DPOConfig", "as_records", "check_logps", "concatenated_batch", "dpo_batch_loss", "dpo_config",
+           "dpo_loss", "dpo_metrics", "eval_callbacks", "evaluate_pairs", "pair_logps",
+           "precompute_ref_logps", "probe_logps", "train_dpo"]
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
@@ -32,10 +35,10 @@ def _check_inputs(
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
     if label_smoothing and loss_type != "sigmoid":
         raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, not {loss_type!r}")
-    _check_logps(named)
+    check_logps(named)
 
 
-def _check_logps(named: dict[str, Tensor]) -> None:
+def check_logps(named: dict[str, Tensor]) -> None:
     """Raise ValueError naming the argument when a tensor of per-example log-probs cannot be used:
     each must be a floating-point torch.Tensor of shape (B,), all of the same B (variants.py too)."""
     for name, value in named.items():
@@ -114,23 +117,6 @@ def dpo_loss(
 # changes is where the four log-probs come from: sums of token log-probs of whole responses.
 
 
-@dataclass(frozen=True)
-class DPOConfig:
-    """One DPO run. CPU-sized defaults (the "tiny" preset); presets replace fields."""
-
-    beta: float = 0.1  # strength of the pull towards the reference model (the paper's beta)
-    loss_type: str = "sigmoid"  # "sigmoid" (DPO), "hinge" (RSO's hinge) or "ipo"
-    label_smoothing: float = 0.0  # eps of conservative DPO (sigmoid loss only)
-    average_logps: bool = False  # mean instead of sum of token log-probs (IPO-style); sum is the paper's
-    num_steps: int = 60  # optimizer steps (60 x 32 pairs: each pair of the tiny preset at most once)
-    batch_size: int = 32  # preference pairs per step (2 x batch_size sequences in one forward pass)
-    lr: float = 1e-4  # peak learning rate of AdamW (linear warm-up, then constant, as in the paper)
-    warmup_steps: int = 10  # linear warm-up steps
-    max_grad_norm: float = 1.0  # gradient clipping
-    eval_every: int = 30  # steps between evaluations on the held-out pairs (0: never)
-    seed: int = 0  # seeds the order of the pairs
-
-
 def concatenated_batch(records: list[dict], tokenizer, max_prompt_tokens: int | None = None,
                        max_response_tokens: int | None = None, start: int = 0) -> dict:
     """The chosen and the rejected responses of `records` in ONE right-padded batch of 2B rows:
@@ -152,7 +138,8 @@ def pair_logps(model, batch: dict, average: bool = False) -> tuple[Tensor, Tenso
     return logps.chunk(2)
 
 
-def _records(pairs) -> list[dict]:
+def as_records(pairs) -> list[dict]:
+    """Preference pairs as a list of dicts (from a datasets.Dataset or any sequence of dicts)."""
     if hasattr(pairs, "to_list"):  # a datasets.Dataset
         return pairs.to_list()
     return list(pairs)
@@ -165,7 +152,7 @@ def precompute_ref_logps(ref_model, tokenizer, pairs, batch_size: int = 64, aver
     """Reference log-probs of every pair, computed once: (ref_chosen_logps, ref_rejected_logps),
     each (N,). The reference model is then never run during training."""
     ref_model.eval()
-    records = _records(pairs)
+    records = as_records(pairs)
     chosen, rejected = [], []
     for start in range(0, len(records), batch_size):
         batch = concatenated_batch(records[start:start + batch_size], tokenizer, max_prompt_tokens,
@@ -192,12 +179,15 @@ def dpo_metrics(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor
 
 def dpo_batch_loss(policy, batch: dict, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
                    config: DPOConfig) -> tuple[Tensor, dict[str, float]]:
-    """Mean DPO loss of one concatenated batch (one forward pass) and its metrics."""
+    """The loss of one DPO step and its metrics, top to bottom (the training loop then calls
+    backward and the optimizer). batch: concatenated_batch of B pairs (2B rows, chosen first);
+    ref_*_logps: the pairs' precomputed reference log-probs, (B,) each."""
     device = next(policy.parameters()).device
-    policy_chosen_logps, policy_rejected_logps = pair_logps(policy, batch, config.average_logps)
+    logps = model_sequence_logps(policy, batch, average=config.average_logps)  # (2B,): ONE forward pass
+    policy_chosen_logps, policy_rejected_logps = logps.chunk(2)  # (B,), (B,)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps.to(device), ref_rejected_logps.to(device),
-        beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+        beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing)  # (B,) each
     metrics = dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
     return losses.mean(), metrics
 
@@ -208,7 +198,7 @@ def evaluate_pairs(policy, tokenizer, pairs, ref_logps: tuple[Tensor, Tensor], c
     """DPO metrics of `policy` on a whole set of pairs (e.g. the held-out pairs)."""
     was_training = policy.training
     policy.eval()
-    records = _records(pairs)
+    records = as_records(pairs)
     parts = []
     for start in range(0, len(records), batch_size):
         batch = concatenated_batch(records[start:start + batch_size], tokenizer, start=start, **lengths)
@@ -240,139 +230,41 @@ def probe_logps(model, tokenizer, records: list[dict], batch_size: int = 64, ave
 
 
 # ----------------------------------------------------------------------------------------------
-# The training loop: train_dpo, the variants (variants.py) and online DPO (online.py) share it.
-# What differs between them is one batch's loss (batch_step) and what is measured (evaluate).
-
-
-def make_optimizer(policy, config: DPOConfig):
-    """AdamW with a linear warm-up over config.warmup_steps, then a constant learning rate (as in
-    the DPO paper). Returns (optimizer, schedule)."""
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
-    return optimizer, schedule
-
-
-@torch.enable_grad()  # training needs gradients even when called inside no_grad (e.g. lazily)
-def training_loop(policy, num_items: int, batch_size: int, config: DPOConfig, batch_step, evaluate=None,
-                  optimizer_schedule=None, desc: str = "", progress: bool = True) -> dict[str, list]:
-    """config.num_steps optimizer steps on seeded batches of item indices (logps.shuffled_batches).
-
-    batch_step(indices) -> (loss, metrics, sequences, tokens): the mean loss of the batch (with its
-    graph), its metrics, and how many sequences and tokens the policy read. evaluate() -> dict of
-    numbers, recorded under their own names with "eval_step" before training, every
-    config.eval_every steps and after the last step. `optimizer_schedule` = (optimizer, schedule)
-    carries them over from an earlier call (online rounds); by default a fresh make_optimizer.
-
-    Returns the history (dict of lists): "step", "seconds" (training time, evaluations excluded),
-    cumulative "sequences" and "tokens", each key of the batch metrics, and the evaluations.
-    """
-    optimizer, schedule = optimizer_schedule or make_optimizer(policy, config)
-    history: dict[str, list] = {"step": [], "seconds": [], "sequences": [], "tokens": []}
-
-    def record_eval(step: int) -> float:
-        """Record evaluate()'s numbers at `step` (nothing if it has none); return the seconds it took."""
-        start = time.perf_counter()
-        policy.eval()
-        results = evaluate()
-        if results:
-            history.setdefault("eval_step", []).append(step)
-            for key, value in results.items():
-                history.setdefault(key, []).append(value)
-        policy.train()
-        return time.perf_counter() - start
-
-    evaluating = evaluate is not None and config.eval_every
-    if evaluating:  # the starting point
-        record_eval(0)
-    batches = shuffled_batches(num_items, batch_size, config.seed)
-    sequences, tokens, eval_seconds, start = 0, 0, 0.0, time.perf_counter()
-    policy.train()
-    for step, index in zip(tqdm(range(config.num_steps), desc=desc, disable=not progress), batches):
-        loss, metrics, batch_sequences, batch_tokens = batch_step(index)
-        gradient_step(policy, optimizer, loss, config.max_grad_norm)
-        schedule.step()
-        sequences, tokens = sequences + batch_sequences, tokens + batch_tokens
-        history["step"].append(step)
-        history["seconds"].append(time.perf_counter() - start - eval_seconds)  # evaluations excluded
-        history["sequences"].append(sequences)
-        history["tokens"].append(tokens)
-        for key, value in metrics.items():
-            history.setdefault(key, []).append(value)
-        if evaluating and ((step + 1) % config.eval_every == 0 or step == config.num_steps - 1):
-            eval_seconds += record_eval(step + 1)
-    policy.eval()
-    return history
-
-
-def dpo_batch_step(policy, tokenizer, records: list[dict], ref_logps: tuple[Tensor, Tensor], config: DPOConfig,
-                   **lengths):
-    """training_loop's batch_step for DPO on `records` with their precomputed reference log-probs:
-    one concatenated batch of the chosen and rejected responses, one forward pass, dpo_batch_loss."""
-    def batch_step(index: list[int]):
-        batch = concatenated_batch([records[i] for i in index], tokenizer, **lengths)
-        loss, metrics = dpo_batch_loss(policy, batch, ref_logps[0][index], ref_logps[1][index], config)
-        return loss, metrics, 2 * len(index), int(batch["attention_mask"].sum())
-
-    return batch_step
-
-
-def eval_fn_numbers(policy, eval_fn) -> dict[str, float]:
-    """The numbers of eval_fn(policy) (other values, e.g. sample texts, are dropped; a single number
-    is named "value"), computed in a forked random stream: sampling inside eval_fn does not change
-    the random numbers training draws afterwards."""
-    device = next(policy.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        results = eval_fn(policy)
-    if not isinstance(results, dict):
-        results = {"value": results}
-    return {key: value for key, value in results.items() if isinstance(value, (int, float))}
+# Training: train_dpo runs dpo_batch_loss in the shared loop (dpo_teach.training.train); the
+# variants (variants.py) and online DPO (online.py) reuse the pieces below.
 
 
 def eval_callbacks(policy, tokenizer, probes: dict[str, list[dict]] | None, eval_fn, **lengths) -> dict:
-    """What every trainer records at its evaluation points besides its held-out metrics:
-    eval_fn(policy)'s numbers under "eval/<key>" (see eval_fn_numbers) and the mean sequence
+    """What every trainer measures at its evaluation points besides its held-out metrics:
+    eval_fn(policy)'s numbers under their own names (see eval_fn_numbers) and the mean sequence
     log-prob of each probe set under "probe/<name>" (see probe_logps)."""
-    results = {}
-    if eval_fn is not None:
-        results.update({f"eval/{key}": value for key, value in eval_fn_numbers(policy, eval_fn).items()})
+    results = eval_fn_numbers(policy, eval_fn) if eval_fn is not None else {}
     for name, records in (probes or {}).items():
         results[f"probe/{name}"] = probe_logps(policy, tokenizer, records, **lengths).mean().item()
     return results
-
-
-def make_evaluate(policy, tokenizer, held_out, probes: dict[str, list[dict]] | None, eval_fn, **lengths):
-    """training_loop's evaluate: held_out()'s metrics (on the held-out pairs) under "eval/<key>",
-    then eval_callbacks. None when there is nothing to measure (no held_out, probes or eval_fn)."""
-    if held_out is None and not probes and eval_fn is None:
-        return None
-
-    def evaluate() -> dict[str, float]:
-        results = {f"eval/{key}": value for key, value in held_out().items()} if held_out else {}
-        return {**results, **eval_callbacks(policy, tokenizer, probes, eval_fn, **lengths)}
-
-    return evaluate
 
 
 def train_dpo(policy, tokenizer, train_pairs, config: DPOConfig = DPOConfig(), ref_model=None,
               ref_logps: tuple[Tensor, Tensor] | None = None, eval_pairs=None,
               eval_ref_logps: tuple[Tensor, Tensor] | None = None, max_prompt_tokens: int | None = None,
               max_response_tokens: int | None = None, progress: bool = True,
-              eval_fn=None, probes: dict[str, list[dict]] | None = None) -> dict[str, list]:
+              eval_fn=None, probes: dict[str, list[dict]] | None = None, optimizer=None,
+              first_step: int = 0) -> dict[str, list]:
     """Train `policy` in place with DPO on preference pairs; return the history (dict of lists).
 
     Reference log-probs come from `ref_logps` (precomputed) or are computed once here from
-    `ref_model`; either way the reference model is not run during training. History keys: "step",
-    TRL's metric names ("loss", "rewards/chosen", ..., "logps/rejected") for each training batch,
-    the same names prefixed "eval/" before training and every `eval_every` steps (with "eval_step"), and the cost
-    counters "seconds" (training only, evaluations excluded), "sequences" and "tokens" (what the
-    policy read). eval_fn(policy) -> dict of numbers (e.g. oracle reward and KL of fresh samples)
-    is called at the same points as the held-out evaluation (before training and every
-    `eval_every` steps), in a forked random stream; its numbers go under "eval/<key>". probes maps
-    a name to {"prompt", "response"} records: at the same points, the mean of their probe_logps
-    under the policy goes under "probe/<name>" (it changes nothing in training).
+    `ref_model`; either way the reference model is not run during training. Each step reads
+    config.batch_size pairs from a seeded shuffle and runs dpo_batch_loss in the shared loop
+    (dpo_teach.training.train), whose history format it returns: "step", "lr", "seconds",
+    "sequences", "tokens", and "train/<m>" for TRL's metric names ("loss", "rewards/chosen", ...,
+    "logps/rejected"). At "eval/step" (before training, every config.eval_every steps, after the
+    last): the same metrics on eval_pairs as "eval/<m>", eval_fn(policy)'s numbers as "eval/<key>"
+    (e.g. oracle reward and KL of fresh samples; in a forked random stream), and for each probe set
+    the mean of its probe_logps as "eval/probe/<name>" (none of this changes training).
+    optimizer and first_step carry a run on across calls (online DPO's rounds).
     """
     lengths = dict(max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens)
-    records = _records(train_pairs)
+    records = as_records(train_pairs)
     if ref_logps is None:
         if ref_model is None:
             raise ValueError("train_dpo needs ref_logps or a ref_model to compute them")
@@ -384,29 +276,26 @@ def train_dpo(policy, tokenizer, train_pairs, config: DPOConfig = DPOConfig(), r
     if len(ref_logps[0]) != len(records):
         raise ValueError(f"ref_logps has {len(ref_logps[0])} entries for {len(records)} pairs")
 
-    def held_out() -> dict[str, float]:
-        return evaluate_pairs(policy, tokenizer, eval_pairs, eval_ref_logps, config, **lengths)
+    def batch_loss(index: list[int]):
+        batch = concatenated_batch([records[i] for i in index], tokenizer, **lengths)
+        loss, metrics = dpo_batch_loss(policy, batch, ref_logps[0][index], ref_logps[1][index], config)
+        return loss, metrics, 2 * len(index), int(batch["attention_mask"].sum())
 
-    batch_step = dpo_batch_step(policy, tokenizer, records, ref_logps, config, **lengths)
-    evaluate = make_evaluate(policy, tokenizer, held_out if eval_pairs is not None else None, probes, eval_fn,
-                             **lengths)
-    return training_loop(policy, len(records), config.batch_size, config, batch_step, evaluate,
-                         desc=f"DPO beta={config.beta}", progress=progress)
+    def evaluate() -> dict[str, float]:
+        held_out = {} if eval_pairs is None else evaluate_pairs(policy, tokenizer, eval_pairs, eval_ref_logps,
+                                                                config, **lengths)
+        return {**held_out, **eval_callbacks(policy, tokenizer, probes, eval_fn, **lengths)}
 
-
-DPO_CONFIGS = {
-    # CPU: under a minute on 2 cores; 1,920 of the tiny preset's ~2,400 training pairs, each once.
-    "tiny": DPOConfig(),
-    # GPU, GPT-2 (124M): the paper's batch of 64 pairs, its learning rate of 1e-6 and 150 warm-up steps.
-    "gpt2": DPOConfig(num_steps=1000, batch_size=64, lr=1e-6, warmup_steps=150, eval_every=100),
-}
+    has_eval = eval_pairs is not None or bool(probes) or eval_fn is not None
+    return train(policy, batch_loss, shuffled_batches(len(records), config.batch_size, config.seed), config,
+                 evaluate if has_eval else None, optimizer=optimizer, first_step=first_step,
+                 desc=f"DPO beta={config.beta}", progress=progress)
 
 
 def dpo_config(preset=None, **overrides) -> DPOConfig:
-    """The DPO configuration of a preset (default: the current one), with fields replaced."""
+    """The DPO configuration of a preset (default: the current one; settings.SETTINGS), with fields replaced."""
     from dataclasses import replace
 
     from dpo_teach.presets import get_preset
 
-    preset = preset or get_preset()
-    return replace(DPO_CONFIGS[preset.name], **overrides)
+    return replace((preset or get_preset()).settings.dpo, **overrides)

@@ -22,12 +22,11 @@ import torch
 
 from dpo_teach.logps import sequence_logps
 from dpo_teach.sampling import Generation, generate
+from dpo_teach.settings import NEW_TOKENS, PROMPT_TOKENS
+from dpo_teach.utils import position_ids_from_mask
 from dpo_teach.world import oracle_reward
 
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions 0, 1, 2, ... counted over real tokens only (left padding gets 0). Shape: (B, T)."""
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+__all__ = ["evaluate_policy", "generation_logps", "ranks", "seeded_sampling", "sequence_kl", "spearman_correlation"]
 
 
 def generation_logps(model, generation: Generation, average: bool = False, batch_size: int = 64) -> torch.Tensor:
@@ -90,8 +89,8 @@ def seeded_sampling(seed: int, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate_policy(policy, ref_model, tokenizer, prompts: list[str], max_new_tokens: int = 40,
-                    seed: int = 0, max_prompt_tokens: int | None = 16, batch_size: int = 64) -> dict:
+def evaluate_policy(policy, ref_model, tokenizer, prompts: list[str], max_new_tokens: int = NEW_TOKENS,
+                    seed: int = 0, max_prompt_tokens: int | None = PROMPT_TOKENS, batch_size: int = 64) -> dict:
     """Sample one response per prompt (temperature 1, full distribution) and measure it.
 
     Returns a dict with

@@ -19,6 +19,8 @@ from nbclient import NotebookClient
 
 from dpo_teach.offline import offline_environment
 
+__all__ = ["execute_notebook", "main"]
+
 
 def execute_notebook(path: Path, timeout: int = 900) -> float:
     """Run the notebook at `path` in a fresh kernel, write it back with outputs, return seconds."""

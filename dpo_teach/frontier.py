@@ -21,8 +21,10 @@ for checkpoints along each training run. This module runs that experiment in the
 - the ideal frontier of the oracle itself, pi*_beta ~ pi_ref exp(r*/beta), is estimated by
   self-normalised importance sampling over many SFT samples per prompt (`ideal_frontier`).
 
-The powered sweep is run by `python -m dpo_teach.sweep` (SWEEPS); notebook 09 runs a reduced live
-sweep (LIVE_SWEEPS) and loads the powered one's results from data/results/<preset>/.
+The powered sweep is run by `python -m dpo_teach.sweep` (the preset's settings.sweep); notebook 09
+runs a reduced live sweep (settings.live_sweep) and loads the powered one's results from
+data/results/<preset>/. Costs are read from the training histories (dpo_teach.training's format,
+PPO's included) by one function, `training_cost`.
 """
 
 from __future__ import annotations
@@ -38,83 +40,45 @@ from dpo_teach.cost import measure_cost, models_mb
 from dpo_teach.evaluation import evaluate_policy, seeded_sampling
 from dpo_teach.models import frozen_copy
 from dpo_teach.presets import Preset, get_preset
-from dpo_teach.reward import RewardConfig, RewardModel, train_reward_model
+from dpo_teach.reward import RewardModel, train_reward_model
 from dpo_teach.sampling import generate
-from dpo_teach.sft import SFTConfig, train_sft
+from dpo_teach.settings import SweepConfig
+from dpo_teach.sft import train_sft
 from dpo_teach.stats import Interval, paired_bootstrap
 from dpo_teach.world import load_prompts, oracle_reward
 
-__all__ = ["SweepConfig", "SWEEPS", "LIVE_SWEEPS", "sweep_config", "live_sweep_config", "Point", "Run",
+__all__ = ["SweepConfig", "sweep_config", "live_sweep_config", "training_cost", "Point", "Run",
            "Experiment", "best_of_n_rewards", "best_of_n_kl", "on_frontier", "concave_frontier", "frontier_at",
            "MethodData", "method_data", "frontier_gap", "frontier_band", "point_gap", "length_controlled", "ideal_frontier", "IdealFrontier",
            "length_reward_curve", "length_explained", "cost_to_reach", "seed_spread", "mean_curve",
            "run_to_dict", "run_from_dict"]
 
 
-@dataclass(frozen=True)
-class SweepConfig:
-    """What the frontier experiment runs: hyper-parameters per method, seeds, lengths, evaluation."""
-
-    dpo_betas: tuple[float, ...]  # DPO's beta (the paper swept 0.05, 0.1, 1, 5)
-    ppo_kl_coefs: tuple[float, ...]  # PPO's fixed KL coefficients
-    ppo_target_kls: tuple[float, ...]  # PPO with an adaptive KL coefficient, per target KL (the paper: 3-12)
-    ppo_gt_kl_coefs: tuple[float, ...]  # PPO on the oracle itself ("PPO-GT"), fixed KL coefficients
-    seeds: tuple[int, ...]  # every training run is repeated with each seed
-    best_of_n: tuple[int, ...]  # N of the best-of-N baseline
-    dpo_steps: int  # DPO optimizer steps per run (batches of DPOConfig.batch_size pairs)
-    dpo_eval_every: int  # steps between DPO checkpoints
-    ppo_steps: int  # PPO rollout batches per run
-    ppo_eval_every: int  # steps between PPO checkpoints
-    preferred_ft_steps: int  # SFT steps on the chosen responses ("Preferred-FT")
-    eval_prompts: int  # held-out prompts per evaluation
-    samples_per_prompt: int  # responses per prompt per evaluation (same sampling seed for every policy)
-    ideal_samples: int = 0  # SFT samples per prompt for the ideal frontier (0: not estimated)
-    ppo_kl_horizon: int = 10_000  # responses over which the adaptive KL controller closes the gap (Ziegler et al.)
-
-
-SWEEPS = {
-    # CPU, 2 cores, about 40 minutes (`python -m dpo_teach.sweep --preset tiny`): 3 betas, 3 fixed
-    # KL coefficients (notebook 07's 0.1 among them) and two KL targets, PPO-GT, 3 seeds; DPO for one
-    # pass over all 2,362 pairs (74 x 32: every label the reward model was fitted to), PPO for
-    # notebook 07's 40 rollout batches; every checkpoint on 256 held-out prompts x 2 samples (512
-    # samples, the same for every policy); the ideal frontier from 64 SFT samples per prompt. The
-    # adaptive controller's horizon is sized to the run: 40 x 32 = 1,280 responses, so a horizon of
-    # 256 lets the coefficient move by up to 2.5% a step (Ziegler et al.'s 10,000 would hardly move it).
-    "tiny": SweepConfig(dpo_betas=(0.05, 0.1, 0.5), ppo_kl_coefs=(0.05, 0.1, 0.2), ppo_target_kls=(3.0, 6.0),
-                        ppo_gt_kl_coefs=(0.1,), seeds=(0, 1, 2), best_of_n=(2, 4, 8, 16), dpo_steps=74,
-                        dpo_eval_every=15, ppo_steps=40, ppo_eval_every=10, preferred_ft_steps=74,
-                        eval_prompts=256, samples_per_prompt=2, ideal_samples=64, ppo_kl_horizon=256),
-    # GPU: the paper's grid of four betas, four KL coefficients and two targets, three seeds, PPO-GT.
-    "gpt2": SweepConfig(dpo_betas=(0.05, 0.1, 1.0, 5.0), ppo_kl_coefs=(0.02, 0.05, 0.1, 0.2),
-                        ppo_target_kls=(6.0, 12.0), ppo_gt_kl_coefs=(0.05, 0.1), seeds=(0, 1, 2),
-                        best_of_n=(2, 4, 16, 64), dpo_steps=600, dpo_eval_every=100, ppo_steps=200,
-                        ppo_eval_every=25, preferred_ft_steps=300, eval_prompts=512, samples_per_prompt=1,
-                        ideal_samples=64, ppo_kl_horizon=1280),
-}
-
-LIVE_SWEEPS = {
-    # What notebook 09 runs live on the CPU (about a minute and a half): one setting of each
-    # trained method, one seed, fewer prompts. Its conclusions come from the powered sweep (SWEEPS).
-    "tiny": SweepConfig(dpo_betas=(0.1,), ppo_kl_coefs=(0.1,), ppo_target_kls=(), ppo_gt_kl_coefs=(), seeds=(0,),
-                        best_of_n=(2, 4, 8), dpo_steps=40, dpo_eval_every=20, ppo_steps=16, ppo_eval_every=8,
-                        preferred_ft_steps=20, eval_prompts=128, samples_per_prompt=1),
-    # GPU: one setting per method, one seed; the notebook then runs the powered sweep itself.
-    "gpt2": SweepConfig(dpo_betas=(0.1,), ppo_kl_coefs=(0.1,), ppo_target_kls=(), ppo_gt_kl_coefs=(), seeds=(0,),
-                        best_of_n=(2, 4, 16), dpo_steps=200, dpo_eval_every=100, ppo_steps=50, ppo_eval_every=25,
-                        preferred_ft_steps=100, eval_prompts=256, samples_per_prompt=1),
-}
-
-
 def sweep_config(preset: Preset | None = None, **overrides) -> SweepConfig:
-    """The powered sweep of a preset (default: the current one), with fields replaced."""
-    preset = preset or get_preset()
-    return replace(SWEEPS[preset.name], **overrides)
+    """The powered sweep of a preset (default: the current one; its settings.sweep), with fields replaced."""
+    return replace((preset or get_preset()).settings.sweep, **overrides)
 
 
 def live_sweep_config(preset: Preset | None = None, **overrides) -> SweepConfig:
-    """The reduced sweep notebook 09 runs live (its conclusions come from the powered one)."""
-    preset = preset or get_preset()
-    return replace(LIVE_SWEEPS[preset.name], **overrides)
+    """The reduced sweep notebook 09 runs live (settings.live_sweep; its conclusions come from the powered one)."""
+    return replace((preset or get_preset()).settings.live_sweep, **overrides)
+
+
+def training_cost(history: dict[str, list], i: int = -1) -> dict[str, float]:
+    """What a training run had cost after its step i (default: the last), from its history
+    (dpo_teach.training's format): training seconds, sequences generated, sequences through forward
+    passes (with a gradient, "sequences", or without one, PPO's "inference_sequences") and
+    through backward passes (those with a gradient)."""
+    def at(key: str) -> float:
+        return history[key][i] if key in history else 0
+
+    return {"seconds": at("seconds"), "sequences_generated": at("generated_sequences"),
+            "forward_sequences": at("sequences") + at("inference_sequences"), "backward_sequences": at("sequences")}
+
+
+def total_sequences(cost: dict) -> int:
+    """The course's unit of training cost: sequences generated + forward passes + backward passes."""
+    return int(cost.get("sequences_generated", 0) + cost.get("forward_sequences", 0) + cost.get("backward_sequences", 0))
 
 
 @dataclass
@@ -235,14 +199,12 @@ class Experiment:
         seconds and sequences of notebook 06's recipe on `self.pairs`, trained and timed once here
         (its weights are not used: the cached reward model has the same recipe)."""
         if self._reward_cost is None:
-            config: RewardConfig = pipeline.recipe(self.preset).reward
+            config = self.preset.settings.reward
             reward_model = RewardModel.from_policy(self.sft_policy)
             with torch.enable_grad(), measure_cost(self.preset.device, held=(reward_model,)) as cost:
-                train_reward_model(reward_model, self.tokenizer, self.pairs, config)
-            pairs_read = config.num_steps * config.batch_size
-            self._reward_cost = {"seconds": cost.seconds, "peak_memory_mb": cost.peak_memory_mb,
-                                 "forward_sequences": 2 * pairs_read, "backward_sequences": 2 * pairs_read,
-                                 "labels": len(self.pairs), "pairs_read": pairs_read}
+                history = train_reward_model(reward_model, self.tokenizer, self.pairs, config)
+            self._reward_cost = {**training_cost(history), "seconds": cost.seconds, "peak_memory_mb": cost.peak_memory_mb,
+                                 "labels": len(self.pairs), "pairs_read": config.num_steps * config.batch_size}
         return self._reward_cost
 
     def ref_logps(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,36 +272,36 @@ class Experiment:
                                     eval_fn=evaluate, progress=False, **self.lengths)
         setting = f"beta={beta:g}"
         ref = self._ref_cost
-        eval_steps = [0] + [s for s in range(1, config.num_steps + 1)
-                            if s % config.eval_every == 0 or s == config.num_steps]
         points = []
-        for step, sample in zip(eval_steps, samples):
-            seconds = history["seconds"][step - 1] + ref["seconds"] if step else 0.0
-            sequences = 2 * history["sequences"][step - 1] + ref["forward_sequences"] if step else 0  # fwd + bwd
-            points.append(_point("DPO", setting, seed, step, **sample, seconds=seconds, sequences=sequences))
-        policy_sequences = history["sequences"][-1]
+        for step, sample in zip(history["eval/step"], samples):
+            spent = self._with(ref, training_cost(history, step - 1)) if step else {"seconds": 0.0}
+            points.append(_point("DPO", setting, seed, step, **sample, seconds=spent["seconds"],
+                                 sequences=total_sequences(spent)))
         return Run("DPO", setting, seed, points, {
-            "seconds": history["seconds"][-1] + ref["seconds"],
+            **self._with(ref, training_cost(history)),
             "peak_memory_mb": max(cost.peak_memory_mb, ref["peak_memory_mb"]),
             "models_held": 1,  # the reference ran once, before training, over the pairs
-            "sequences_generated": 0,
-            "forward_sequences": policy_sequences + ref["forward_sequences"],
-            "backward_sequences": policy_sequences,
             "labels": len(self.pairs), "pairs_read": config.num_steps * config.batch_size})
+
+    @staticmethod
+    def _with(upfront: dict, spent: dict) -> dict[str, float]:
+        """A run's cost so far (training_cost) plus what was paid before it started (the reward
+        model's training, the reference log-probs): seconds and sequences added up."""
+        keys = ("seconds", "sequences_generated", "forward_sequences", "backward_sequences")
+        return {key: spent.get(key, 0) + upfront.get(key, 0) for key in keys}
 
     def ppo(self, kl_coef: float, seed: int = 0, ground_truth: bool = False, target_kl: float | None = None) -> Run:
         """PPO from SFT against the reward model (or, with ground_truth, the oracle: "PPO-GT"); with
         target_kl, the KL coefficient starts at kl_coef and adapts towards that sequence KL."""
-        config = ppo.PPOConfig(kl_coef=kl_coef, target_kl=target_kl, kl_horizon=self.sweep.ppo_kl_horizon,
-                               seed=seed, num_steps=self.sweep.ppo_steps,
-                               eval_every=self.sweep.ppo_eval_every, max_new_tokens=self.preset.max_new_tokens,
-                               max_prompt_tokens=self.preset.max_prompt_tokens)
+        config = replace(self.preset.settings.ppo, kl_coef=kl_coef, target_kl=target_kl,
+                         kl_horizon=self.sweep.ppo_kl_horizon, seed=seed, num_steps=self.sweep.ppo_steps,
+                         eval_every=self.sweep.ppo_eval_every)
         reward = ppo.oracle_fn if ground_truth else self.reward_model
         policy = self.fresh_policy()
         samples = []
 
-        def evaluate(policy) -> dict:
-            samples.append(self.evaluate_samples(policy))
+        def evaluate(policy) -> dict:  # the first call is at step 0, on the SFT policy itself
+            samples.append(self.sft_samples() if not samples else self.evaluate_samples(policy))
             return {}
 
         held = (policy, self.ref_model) if ground_truth else (policy, self.ref_model, reward)
@@ -348,43 +310,35 @@ class Experiment:
                                     eval_fn=evaluate, progress=False)
         method = "PPO-GT" if ground_truth else "PPO"
         setting = f"target_kl={target_kl:g}" if target_kl is not None else f"kl_coef={kl_coef:g}"
-        rm = {"seconds": 0.0, "forward_sequences": 0, "backward_sequences": 0} if ground_truth else self.reward_model_cost()
-
-        def sequences(i: int) -> int:
-            return (config.batch_size * (i + 1) + history["forward_sequences"][i] + history["backward_sequences"][i]
-                    + rm["forward_sequences"] + rm["backward_sequences"])
-
-        points = [_point(method, setting, seed, 0, **self.sft_samples())]
-        for step, sample in zip(history["eval_step"], samples):
-            points.append(_point(method, setting, seed, step, **sample, sequences=sequences(step - 1),
-                                 seconds=history["wall_seconds"][step - 1] + rm["seconds"]))
+        rm = {"seconds": 0.0} if ground_truth else self.reward_model_cost()
+        points = []
+        for step, sample in zip(history["eval/step"], samples):
+            spent = self._with(rm, training_cost(history, step - 1)) if step else {"seconds": 0.0}
+            points.append(_point(method, setting, seed, step, **sample, sequences=total_sequences(spent),
+                                 seconds=spent["seconds"]))
         return Run(method, setting, seed, points, {
-            "seconds": history["wall_seconds"][-1] + rm["seconds"],
+            **self._with(rm, training_cost(history)),
             "peak_memory_mb": max(cost.peak_memory_mb, rm.get("peak_memory_mb", 0.0)),
-            "models_held": len(held), "sequences_generated": config.batch_size * config.num_steps,
-            "forward_sequences": history["forward_sequences"][-1] + rm["forward_sequences"],
-            "backward_sequences": history["backward_sequences"][-1] + rm["backward_sequences"],
-            "reward_model_seconds": rm["seconds"], "labels": 0 if ground_truth else len(self.pairs),
-            "final_kl_coef": history["kl_coef"][-1]})
+            "models_held": len(held), "reward_model_seconds": rm["seconds"],
+            "labels": 0 if ground_truth else len(self.pairs), "final_kl_coef": history["train/kl_coef"][-1]})
 
     def preferred_ft(self, seed: int = 0) -> Run:
         """"Preferred-FT": supervised fine-tuning of the SFT policy on the chosen responses only, with
         DPO's learning rate and batch size, on the same pairs."""
         base = dpo.dpo_config(self.preset)
-        config = SFTConfig(num_steps=self.sweep.preferred_ft_steps, batch_size=base.batch_size, lr=base.lr,
-                           seed=seed, warmup_steps=base.warmup_steps, eval_every=self.sweep.preferred_ft_steps,
-                           **self.lengths)
+        config = replace(self.preset.settings.sft, num_steps=self.sweep.preferred_ft_steps, batch_size=base.batch_size,
+                         lr=base.lr, seed=seed, warmup_steps=base.warmup_steps, eval_every=self.sweep.preferred_ft_steps,
+                         **self.lengths)
         records = [{"prompt": r["prompt"], "chosen": r["chosen"]} for r in self.pairs]
         policy = self.fresh_policy()
         with measure_cost(self.preset.device, held=(policy,)) as cost:
-            train_sft(policy, self.tokenizer, records, config, response_key="chosen")
-        sequences = config.num_steps * config.batch_size
+            history = train_sft(policy, self.tokenizer, records, config, response_key="chosen", progress=False)
+        spent = {**training_cost(history), "seconds": cost.seconds}
         point = _point("Preferred-FT", "chosen only", seed, config.num_steps, **self.evaluate_samples(policy),
-                       seconds=cost.seconds, sequences=2 * sequences)
+                       seconds=cost.seconds, sequences=total_sequences(spent))
         return Run("Preferred-FT", "chosen only", seed, [point], {
-            "seconds": cost.seconds, "peak_memory_mb": cost.peak_memory_mb, "models_held": 1,
-            "sequences_generated": 0, "forward_sequences": sequences, "backward_sequences": sequences,
-            "labels": len(self.pairs), "pairs_read": sequences})
+            **spent, "peak_memory_mb": cost.peak_memory_mb, "models_held": 1,
+            "labels": len(self.pairs), "pairs_read": config.num_steps * config.batch_size})
 
     def best_of_n(self, ns: tuple[int, ...], seed: int = 0) -> list[Run]:
         """Best-of-N from SFT: N samples per prompt, the one the reward model scores highest is kept.
@@ -413,15 +367,14 @@ class Experiment:
         lengths = torch.stack([g.response_mask.sum(1).to(torch.float64) for g in generations])  # (N_max, P)
         runs = []
         for n in ns:
-            seconds = cost.seconds * n / n_max + rm["seconds"]
+            spent = self._with(rm, {"seconds": cost.seconds * n / n_max,  # at inference, per evaluation set
+                                    "sequences_generated": n * num, "forward_sequences": n * num})
             point = _point("Best-of-N", f"N={n}", seed, 0, best_of_n_rewards(scores, rewards, n),
                            torch.full((num,), best_of_n_kl(n)), best_of_n_rewards(scores, lengths, n),
-                           seconds=seconds, sequences=2 * n * num + rm["forward_sequences"] + rm["backward_sequences"])
+                           seconds=spent["seconds"], sequences=total_sequences(spent))
             runs.append(Run("Best-of-N", f"N={n}", seed, [point], {
-                "seconds": seconds, "peak_memory_mb": max(cost.peak_memory_mb, rm["peak_memory_mb"]),
-                "models_held": len(held), "sequences_generated": n * num,  # at inference, per evaluation set
-                "forward_sequences": n * num + rm["forward_sequences"], "backward_sequences": rm["backward_sequences"],
-                "reward_model_seconds": rm["seconds"], "labels": len(self.pairs)}))
+                **spent, "peak_memory_mb": max(cost.peak_memory_mb, rm["peak_memory_mb"]),
+                "models_held": len(held), "reward_model_seconds": rm["seconds"], "labels": len(self.pairs)}))
         return runs
 
     def ideal_samples(self, num_samples: int | None = None, seed: int = 99) -> dict[str, torch.Tensor]:

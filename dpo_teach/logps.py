@@ -16,6 +16,10 @@ import warnings
 
 import torch
 
+from dpo_teach.utils import right_pad
+
+__all__ = ["build_batch", "check_text", "encode_prompt", "encode_response", "model_sequence_logps", "sequence_logps"]
+
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
                    average: bool = False) -> torch.Tensor:
@@ -41,7 +45,9 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
     return summed
 
 
-def _check_text(record, index: int, field: str, allow_empty: bool) -> str:
+def check_text(record, index: int, field: str, allow_empty: bool) -> str:
+    """record[field] when record is a dict whose `field` is a string (non-empty unless allow_empty);
+    otherwise a ValueError that names the record (its `index`) and the field."""
     if not isinstance(record, dict):
         raise ValueError(f"record {index}: expected a dict with field {field!r}, got {type(record).__name__}")
     if field not in record:
@@ -92,8 +98,8 @@ def build_batch(records: list[dict], tokenizer, response_key: str = "completion"
     rows, prompt_lengths, response_lengths = [], [], []
     cut_prompts = cut_responses = 0
     for i, record in enumerate(records):
-        prompt = _check_text(record, start + i, "prompt", allow_empty=True)
-        response = _check_text(record, start + i, response_key, allow_empty=False)
+        prompt = check_text(record, start + i, "prompt", allow_empty=True)
+        response = check_text(record, start + i, response_key, allow_empty=False)
         prompt_ids, cut_p = encode_prompt(prompt, tokenizer, max_prompt_tokens)
         response_ids, cut_r = encode_response(response, tokenizer, max_response_tokens)
         cut_prompts += cut_p
@@ -105,15 +111,10 @@ def build_batch(records: list[dict], tokenizer, response_key: str = "completion"
         warnings.warn(f"build_batch truncated {cut_prompts} prompt(s) to {max_prompt_tokens} tokens and "
                       f"{cut_responses} {response_key!r} response(s) to {max_response_tokens} tokens "
                       f"(of {len(records)} records)", stacklevel=2)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    input_ids, attention_mask = right_pad(rows, tokenizer.pad_token_id)  # (B, T), (B, T)
     prompt_lengths = torch.tensor(prompt_lengths)
     response_lengths = torch.tensor(response_lengths)
-    positions = torch.arange(width).unsqueeze(0)  # (1, T)
-    total = (prompt_lengths + response_lengths).unsqueeze(1)  # (B, 1)
-    attention_mask = (positions < total).long()  # (B, T)
+    positions = torch.arange(input_ids.shape[1]).unsqueeze(0)  # (1, T)
     loss_mask = (attention_mask.bool() & (positions >= prompt_lengths.unsqueeze(1))).long()  # (B, T)
     return {
         "input_ids": input_ids,
@@ -127,31 +128,24 @@ def build_batch(records: list[dict], tokenizer, response_key: str = "completion"
     }
 
 
-def shuffled_batches(num_items: int, batch_size: int, seed: int):
-    """Endless index lists of `batch_size` items: a seeded permutation, taken batch by batch, and a
-    new permutation (a new epoch) whenever the rest of the current one is too short for a batch."""
-    generator = torch.Generator().manual_seed(seed)
-    order, cursor = torch.randperm(num_items, generator=generator), 0
-    while True:
-        if cursor + batch_size > len(order):  # a new epoch: reshuffle
-            order, cursor = torch.randperm(num_items, generator=generator), 0
-        yield order[cursor:cursor + batch_size].tolist()
-        cursor += batch_size
-
-
 def model_sequence_logps(model, batch: dict, average: bool = False) -> torch.Tensor:
-    """Run `model` on a right-padded batch from build_batch and return sequence_logps. Shape: (B,)."""
+    """sequence_logps of `model` on a right-padded batch from build_batch, computed where it is
+    needed only. Shape: (B,).
+
+    The same numbers as sequence_logps(model(...).logits, labels, loss_mask), but only the positions
+    that predict a response token go through the LM head (a prompt's or a pad's logits are never
+    used), and each token's log-prob is its logit minus the logsumexp of its row, so no (B, T, V)
+    log-softmax tensor is built. For a causal LM of transformers (base_model + output embeddings).
+    """
     device = next(model.parameters()).device
-    logits = model(input_ids=batch["input_ids"].to(device),
-                   attention_mask=batch["attention_mask"].to(device)).logits  # (B, T, V)
-    return sequence_logps(logits, batch["labels"].to(device), batch["loss_mask"].to(device), average=average)
-
-
-def gradient_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-                  max_grad_norm: float) -> None:
-    """One optimizer step on `loss`: clear old gradients, backpropagate, clip the gradient norm of
-    `model`'s parameters to max_grad_norm, step. Every training loop of the course uses it."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
+    input_ids = batch["input_ids"].to(device)
+    hidden = model.base_model(input_ids=input_ids,
+                              attention_mask=batch["attention_mask"].to(device)).last_hidden_state  # (B, T, H)
+    predicts = batch["loss_mask"][:, 1:].to(device).bool()  # (B, T-1): position t-1 predicts response token t
+    logits = model.get_output_embeddings()(hidden[:, :-1][predicts])  # (N, V): N response tokens in the batch
+    labels = batch["labels"][:, 1:].to(device)[predicts]  # (N,)
+    token_logps = logits.gather(1, labels.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=-1)  # (N,)
+    summed = token_logps.new_zeros(predicts.shape).masked_scatter(predicts, token_logps).sum(dim=-1)  # (B,)
+    if average:
+        return summed / predicts.sum(dim=-1).clamp(min=1)
+    return summed

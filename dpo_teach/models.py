@@ -16,6 +16,9 @@ from transformers.utils import logging as hf_logging
 
 from dpo_teach.presets import Preset, get_preset
 
+__all__ = ["EOS_TOKEN", "PAD_TOKEN", "TinyGPT2Config", "tiny_gpt2", "wrap_tokenizer", "disable_dropout",
+           "load_tokenizer", "load_base_model", "frozen_copy", "count_parameters"]
+
 EOS_TOKEN = "<|endoftext|>"  # ends every document and every response; also starts every prompt
 PAD_TOKEN = "<|pad|>"  # a separate pad token: padding never hides a real EOS
 

@@ -10,6 +10,9 @@ import ipaddress
 import os
 import socket
 
+__all__ = ["GUARD_ENV", "SITE_DIR", "NetworkBlockedError", "block_network", "unblock_network",
+           "offline_environment"]
+
 GUARD_ENV = "DPO_TEACH_BLOCK_NETWORK"
 SITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_offline_site")
 

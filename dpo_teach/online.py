@@ -24,22 +24,18 @@ from dataclasses import replace
 
 import torch
 
-from dpo_teach.dpo import (
-    DPOConfig,
-    _records,
-    dpo_batch_step,
-    eval_fn_numbers,
-    make_optimizer,
-    precompute_ref_logps,
-    training_loop,
-)
+from dpo_teach.dpo import as_records, precompute_ref_logps, train_dpo
 from dpo_teach.evaluation import seeded_sampling
 from dpo_teach.sampling import generate
+from dpo_teach.settings import NEW_TOKENS, PROMPT_TOKENS, DPOConfig
+from dpo_teach.training import append, eval_fn_numbers, make_optimizer
 from dpo_teach.world import oracle_reward
+
+__all__ = ["label_matched_pairs", "one_pair_per_prompt", "online_dpo", "round_prompts", "sample_pairs"]
 
 
 def sample_pairs(policy, tokenizer, prompts: list[str], oracle=oracle_reward, seed: int = 0,
-                 max_new_tokens: int = 40, max_prompt_tokens: int | None = 16) -> tuple[list[dict], dict]:
+                 max_new_tokens: int = NEW_TOKENS, max_prompt_tokens: int | None = PROMPT_TOKENS) -> tuple[list[dict], dict]:
     """Two responses per prompt from `policy` (temperature 1, full distribution, seeded), scored by
     `oracle` on prompt + response, one comparison per prompt.
 
@@ -81,18 +77,9 @@ def round_prompts(prompts: list[str], round_index: int, per_round: int) -> list[
     return [prompts[(start + i) % len(prompts)] for i in range(per_round)]
 
 
-def dpo_steps(policy, tokenizer, pairs: list[dict], ref_logps, config: DPOConfig, num_steps: int, seed: int,
-              optimizer_schedule, **lengths) -> dict[str, list]:
-    """`num_steps` DPO steps on `pairs` (train_dpo's batch step and loop), with the optimizer carried over."""
-    round_config = replace(config, num_steps=num_steps, seed=seed, eval_every=0)
-    return training_loop(policy, len(pairs), config.batch_size, round_config,
-                         dpo_batch_step(policy, tokenizer, pairs, ref_logps, config, **lengths),
-                         optimizer_schedule=optimizer_schedule, progress=False)
-
-
 def online_dpo(policy, ref_model, tokenizer, prompts: list[str], config: DPOConfig, rounds: int,
                prompts_per_round: int | None = None, steps_per_round: int | None = None, oracle=oracle_reward,
-               eval_fn=None, max_new_tokens: int = 40, max_prompt_tokens: int | None = 16) -> dict[str, list]:
+               eval_fn=None, max_new_tokens: int = NEW_TOKENS, max_prompt_tokens: int | None = PROMPT_TOKENS) -> dict[str, list]:
     """Train `policy` in place with online iterative DPO for `rounds` rounds; return the history.
 
     Round r (1-based) samples on round_prompts(prompts, r - 1, prompts_per_round) (default: all
@@ -105,13 +92,16 @@ def online_dpo(policy, ref_model, tokenizer, prompts: list[str], config: DPOConf
     ties included), "oracle_calls", "pairs", "ties", "empty", "steps" and "seconds"; "round_pairs";
     "sample_reward" (mean oracle score of the round's samples) and "sample_scores" (the list of
     each prompt's mean score, see sample_pairs); the means over the round's steps
-    of "loss", "rewards/margins" and "rewards/accuracies" (nan when a round has no pair). With
-    eval_fn(policy) -> dict: "eval_round" (0 = before training), "eval_labels" and "eval/<key>".
+    of "train/loss", "train/rewards/margins" and "train/rewards/accuracies" (nan when a round has no
+    pair). With eval_fn(policy) -> dict: "eval/round" (0 = before training), "eval/labels" and
+    "eval/<key>".
     "collected_pairs": every pair used, with its "round".
     """
+    if config.schedule != "constant":  # the run's length is not known in advance: no decay to plan
+        raise ValueError(f"online_dpo needs schedule='constant' (warm-up, then constant), got {config.schedule!r}")
     lengths = dict(max_prompt_tokens=max_prompt_tokens, max_response_tokens=None)
     per_round = prompts_per_round or len(prompts)
-    optimizer_schedule = make_optimizer(policy, config)
+    optimizer = make_optimizer(policy, config)
     ref_model.eval()
     history: dict[str, list] = {"collected_pairs": []}
     totals = dict(labels=0, oracle_calls=0, pairs=0, ties=0, empty=0, steps=0)
@@ -127,14 +117,16 @@ def online_dpo(policy, ref_model, tokenizer, prompts: list[str], config: DPOConf
         if pairs:
             ref_logps = precompute_ref_logps(ref_model, tokenizer, pairs, average=config.average_logps, **lengths)
             steps = steps_per_round or math.ceil(len(pairs) / config.batch_size)
-            round_history = dpo_steps(policy, tokenizer, pairs, ref_logps, config, steps, config.seed + r,
-                                      optimizer_schedule, **lengths)
+            round_config = replace(config, num_steps=steps, seed=config.seed + r, eval_every=0)
+            round_history = train_dpo(policy, tokenizer, pairs, round_config, ref_logps=ref_logps, optimizer=optimizer,
+                                      first_step=totals["steps"], progress=False, **lengths)
         for key in ("labels", "oracle_calls", "pairs", "ties", "empty"):
             totals[key] += counts[key]
         totals["steps"] += steps
-        _append(history, round=r, **totals, seconds=time.perf_counter() - start, round_pairs=len(pairs),
-                sample_reward=counts["mean_score"], sample_scores=counts["prompt_scores"],
-                **{key: _mean(round_history.get(key, [])) for key in ("loss", "rewards/margins", "rewards/accuracies")})
+        append(history, {"round": r, **totals, "seconds": time.perf_counter() - start, "round_pairs": len(pairs),
+                         "sample_reward": counts["mean_score"], "sample_scores": counts["prompt_scores"],
+                         **{key: _mean(round_history.get(key, []))
+                            for key in ("train/loss", "train/rewards/margins", "train/rewards/accuracies")}})
         history["collected_pairs"].extend({**pair, "round": r} for pair in pairs)
         if eval_fn is not None:
             _record_eval(history, policy, eval_fn, r, totals["labels"])
@@ -146,17 +138,12 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _append(history: dict, **values) -> None:
-    for key, value in values.items():
-        history.setdefault(key, []).append(value)
-
-
 def _record_eval(history: dict, policy, eval_fn, round_index: int, labels: int) -> None:
     """eval_fn's numbers, in a forked random stream (the run's samples do not depend on it)."""
     was_training = policy.training
     policy.eval()
     results = eval_fn_numbers(policy, eval_fn)
-    _append(history, eval_round=round_index, eval_labels=labels, **{f"eval/{k}": v for k, v in results.items()})
+    append(history, {"round": round_index, "labels": labels, **results}, prefix="eval/")
     policy.train(was_training)
 
 
@@ -184,7 +171,7 @@ def one_pair_per_prompt(pairs, prompts: int | list[str], seed: int = 0):
     (e.g. the online run's own; each must have a pair in `pairs`) or a number of prompts drawn at
     random, seeded, among those of `pairs`. The pair of each prompt is a seeded random one of its
     pairs; the pairs keep their order in `pairs`. A Dataset stays a Dataset."""
-    records = _records(pairs)
+    records = as_records(pairs)
     by_prompt: dict[str, list[int]] = {}
     for i, record in enumerate(records):
         by_prompt.setdefault(record["prompt"], []).append(i)
@@ -208,5 +195,5 @@ def _select(pairs, indices: list[int]):
     """The records of `pairs` at `indices`: a Dataset stays a Dataset, anything else becomes a list."""
     if hasattr(pairs, "select"):  # a datasets.Dataset
         return pairs.select(indices)
-    records = _records(pairs)
+    records = as_records(pairs)
     return [records[i] for i in indices]

@@ -17,7 +17,6 @@ about which response is better. Responses keep their leading space: prompt + res
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from itertools import combinations
 
 import datasets
@@ -25,29 +24,17 @@ import torch
 
 from dpo_teach.evaluation import seeded_sampling
 from dpo_teach.sampling import generate
+from dpo_teach.settings import NEW_TOKENS, PROMPT_TOKENS, PairsConfig
 from dpo_teach.world import load_prompts, oracle_reward
+
+__all__ = ["LABELS", "build_preference_pairs", "pair_prompts", "make_preference_pairs"]
 
 LABELS = ("oracle", "bradley_terry")
 
 
-@dataclass(frozen=True)
-class PairsConfig:
-    """Which prompts and how many samples make the preference data (pipeline.RECIPES: per preset)."""
-
-    num_train_prompts: int = 400  # training prompts (the first ones of the "train" prompt set)
-    num_test_prompts: int = 100  # held-out prompts: the LAST ones of the "test" prompt set, so that
-    #                              they differ from the evaluation prompts (the first ones)
-    completions_per_prompt: int = 4  # samples per prompt; every two of them form a pair
-    labels: str = "oracle"  # "oracle" (deterministic) or "bradley_terry" (sampled labels)
-    bt_scale: float = 10.0  # with "bradley_terry": p(a beats b) = sigma(bt_scale * score difference)
-    max_new_tokens: int = 40  # tokens sampled per response
-    max_prompt_tokens: int = 16  # prompts are cut from the left to this many tokens
-    seed: int = 0  # seeds sampling (train prompts) and labels; the test split uses seed + 1
-
-
 def build_preference_pairs(policy, tokenizer, prompts: list[str], completions_per_prompt: int = 4,
                            labels: str = "oracle", seed: int = 0, bt_scale: float = 10.0,
-                           max_new_tokens: int = 40, max_prompt_tokens: int | None = 16,
+                           max_new_tokens: int = NEW_TOKENS, max_prompt_tokens: int | None = PROMPT_TOKENS,
                            batch_size: int = 64) -> tuple[datasets.Dataset, dict]:
     """Sample, score and pair responses. Returns (Dataset with columns prompt, chosen, rejected,
     chosen_score, rejected_score; counts dict: prompts, samples, unfinished, possible_pairs, empty,

@@ -8,8 +8,8 @@ One call each gives a later notebook what notebooks 05 and 06 produced:
 
 Each loads from cache_dir()/<preset name>/ when the cached artefact was made with the same recipe
 (the recipe and a fingerprint of the base model are stored beside it and compared), and otherwise
-makes it with exactly the recipe below and saves it. The recipes of every preset live in RECIPES.
-Everything is seeded: the same recipe on the same machine gives the same numbers.
+makes it with exactly the recipe of the preset's settings (preset.settings.sft, .pairs, .reward;
+dpo_teach.settings) and saves it. Everything is seeded: the same recipe on the same machine gives the same numbers.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import hashlib
 import json
 import shutil
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import datasets
@@ -27,40 +27,11 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config
 
 from dpo_teach.models import load_base_model
-from dpo_teach.pairs import PairsConfig, make_preference_pairs
+from dpo_teach.pairs import make_preference_pairs
 from dpo_teach.presets import Preset, cache_dir, get_preset
-from dpo_teach.reward import RewardConfig, RewardModel, train_reward_model
-from dpo_teach.sft import SFTConfig, train_sft
+from dpo_teach.reward import RewardModel, train_reward_model
+from dpo_teach.sft import train_sft
 from dpo_teach.world import load_reviews
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """The three configurations that make the SFT policy, the preference pairs and the reward model."""
-
-    sft: SFTConfig
-    pairs: PairsConfig
-    reward: RewardConfig
-
-
-RECIPES = {
-    # CPU-sized: about 40 s of SFT, 2,000 samples for the pairs, 40 s of reward-model training.
-    "tiny": Recipe(sft=SFTConfig(), pairs=PairsConfig(), reward=RewardConfig()),
-    # GPU-sized (GPT-2 124M on IMDb): more data, more steps, the smaller learning rates of the paper.
-    "gpt2": Recipe(
-        sft=SFTConfig(num_steps=2000, batch_size=32, lr=5e-5, warmup_steps=100, max_response_tokens=128,
-                      eval_every=250),
-        pairs=PairsConfig(num_train_prompts=2000, num_test_prompts=250, max_new_tokens=48),
-        reward=RewardConfig(num_steps=1500, batch_size=32, lr=1e-5, warmup_steps=100, max_response_tokens=64,
-                            eval_every=250),
-    ),
-}
-
-
-def recipe(preset: Preset | None = None) -> Recipe:
-    """The recipe of `preset` (default: the current preset)."""
-    preset = preset or get_preset()
-    return RECIPES[preset.name]
 
 
 def sft_records(preset: Preset, split: str = "train") -> list[dict]:
@@ -94,7 +65,7 @@ def _key(preset: Preset, *stages: str) -> dict:
     e.g. by notebook 05 on another machine, invalidates the pairs and the reward model made from it)."""
     key = {"base": base_fingerprint(preset)}
     for stage in stages:
-        key[stage] = asdict(getattr(recipe(preset), stage))
+        key[stage] = asdict(getattr(preset.settings, stage))
     if "pairs" in stages:
         key["sft_weights_sha256"] = _sha256(artefact_dir(preset, "sft_policy") / "model.safetensors")
     return json.loads(json.dumps(key))  # as it reads back from JSON
@@ -149,9 +120,9 @@ def load_history(preset: Preset | None = None, stage: str = "sft") -> dict:
 
 
 def train_sft_policy(preset: Preset, eval_records: list[dict] | None = None):
-    """The SFT recipe: the base model fine-tuned with recipe(preset).sft. Returns (policy, tokenizer, history)."""
+    """The SFT recipe: the base model fine-tuned with preset.settings.sft. Returns (policy, tokenizer, history)."""
     policy, tokenizer = load_base_model(preset)
-    history = train_sft(policy, tokenizer, sft_records(preset), recipe(preset).sft, eval_records=eval_records)
+    history = train_sft(policy, tokenizer, sft_records(preset), preset.settings.sft, eval_records=eval_records)
     return policy, tokenizer, history
 
 
@@ -188,7 +159,7 @@ def get_preference_pairs(preset: Preset | None = None) -> datasets.DatasetDict:
     if _cached(preset, "preference_pairs", _key(preset, "sft", "pairs")) is None:
         policy, tokenizer = get_sft_policy(preset)
         print(f"dpo_teach: no cached preference pairs for preset {preset.name!r}: sampling them as notebook 06 does")
-        pairs, counts = make_preference_pairs(policy, tokenizer, preset, recipe(preset).pairs)
+        pairs, counts = make_preference_pairs(policy, tokenizer, preset, preset.settings.pairs)
         save_preference_pairs(pairs, counts, preset)
     return datasets.load_from_disk(str(artefact_dir(preset, "preference_pairs") / "data"))
 
@@ -205,9 +176,9 @@ def preference_pair_counts(preset: Preset | None = None) -> dict:
 
 def train_reward_recipe(preset: Preset, policy, tokenizer, pairs: datasets.DatasetDict, eval_pairs=None):
     """The reward-model recipe: a RewardModel initialised from the SFT policy, trained on the
-    training pairs with recipe(preset).reward. Returns (reward_model, history)."""
+    training pairs with preset.settings.reward. Returns (reward_model, history)."""
     reward_model = RewardModel.from_policy(policy)
-    history = train_reward_model(reward_model, tokenizer, pairs["train"], recipe(preset).reward,
+    history = train_reward_model(reward_model, tokenizer, pairs["train"], preset.settings.reward,
                                  eval_pairs=eval_pairs)
     return reward_model, history
 
@@ -234,6 +205,6 @@ def get_reward_model(preset: Preset | None = None) -> RewardModel:
     return reward_model.to(preset.device).eval()
 
 
-__all__ = ["RECIPES", "Recipe", "recipe", "sft_records", "get_sft_policy", "get_preference_pairs",
+__all__ = ["sft_records", "get_sft_policy", "get_preference_pairs",
            "get_reward_model", "preference_pair_counts", "load_history", "train_sft_policy",
            "save_sft_policy", "save_preference_pairs", "train_reward_recipe", "save_reward_model"]

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+__all__ = ["plot_bradley_terry", "plot_policy_bars"]
+
 
 def plot_bradley_terry(axes, difference: float, span: float = 8.0) -> None:
     """Two panels: the win probability sigma(d) and the loss -log sigma(d), with a marker at d."""

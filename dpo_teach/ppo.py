@@ -16,8 +16,6 @@ R response positions, V vocabulary.
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,39 +24,24 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dpo_teach.evaluation import position_ids_from_mask
-from dpo_teach.logps import gradient_step
 from dpo_teach.models import disable_dropout
-from dpo_teach.presets import seed_everything
 from dpo_teach.sampling import Generation, generate
+from dpo_teach.settings import PPOConfig
+from dpo_teach.training import (
+    append,
+    eval_fn_numbers,
+    gradient_step,
+    lr_at,
+    make_optimizer,
+    record_eval,
+)
+from dpo_teach.utils import position_ids_from_mask, right_pad, seed_everything
 from dpo_teach.world import oracle_reward
 
-
-@dataclass(frozen=True)
-class PPOConfig:
-    """Sizes and coefficients of a PPO run. The defaults fit the CPU preset (about a minute)."""
-
-    num_steps: int = 40  # rollout batches: sample, score, then update on them
-    batch_size: int = 32  # prompts per rollout batch (one response each)
-    num_epochs: int = 2  # PPO passes over each rollout batch
-    num_minibatches: int = 2  # gradient steps per pass (each on batch_size / num_minibatches responses)
-    lr: float = 5e-5  # Adam learning rate of policy and value head (no weight decay)
-    kl_coef: float = 0.1  # weight of the per-token KL penalty (the paper's beta)
-    target_kl: float | None = None  # if set, adapt kl_coef towards this sequence KL (Ziegler et al. 2019)
-    kl_horizon: int = 10_000  # responses over which the adaptive controller closes the gap
-    gamma: float = 1.0  # discount over tokens (1: the score at the end counts fully at every token)
-    lam: float = 0.95  # GAE lambda: 0 = one-step TD (low variance, biased), 1 = Monte Carlo
-    clip_range: float = 0.2  # PPO clips the probability ratio to [1 - clip_range, 1 + clip_range]
-    value_clip: float | None = 0.2  # clip new values to old +- value_clip in the value loss (None: off)
-    vf_coef: float = 0.1  # weight of the value loss (it shares the policy's trunk)
-    entropy_coef: float = 0.0  # weight of an entropy bonus (0: the KL penalty already keeps entropy)
-    max_grad_norm: float = 1.0  # gradient clipping
-    whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over a batch's valid tokens
-    max_new_tokens: int = 40  # tokens sampled per response
-    max_prompt_tokens: int = 16  # prompts are cut from the left to this many tokens
-    temperature: float = 1.0  # sampling temperature (log-probs are those of the sampling distribution)
-    eval_every: int = 10  # call eval_fn after every this many steps and after the last (0: never)
-    seed: int = 0  # seeds sampling, prompt order and minibatch order
+__all__ = ["PPOConfig", "PolicyWithValueHead", "RewardFn", "Rollout", "entropy_from_logits", "gae", "kl_k1", "kl_k3",
+           "kl_penalty_rewards", "masked_mean", "oracle_fn", "pack_right", "policy_loss", "ppo_update",
+           "response_logits_and_values", "reward_model_fn", "rollout", "token_logps", "train_ppo",
+           "update_kl_coef", "value_loss", "whiten"]
 
 
 # ---- The model: the policy plus a value head ------------------------------------------------------
@@ -297,15 +280,10 @@ def pack_right(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, re
     """Re-pack [left-padded prompt | right-padded response] rows as right-padded rows
     [prompt | response | pad], the layout build_batch gives and the reward model was trained on.
     Returns (input_ids, attention_mask), both (B, P + R) or narrower."""
-    prompt_lengths, response_lengths = prompt_mask.sum(1), response_mask.sum(1)
-    lengths = prompt_lengths + response_lengths
-    input_ids = torch.full((len(lengths), int(lengths.max())), pad_id, dtype=torch.long)
     num_prompt = prompt_ids.shape[1]
-    for i, (p, r) in enumerate(zip(prompt_lengths.tolist(), response_lengths.tolist(), strict=True)):
-        input_ids[i, :p] = prompt_ids[i, num_prompt - p:]
-        input_ids[i, p:p + r] = response_ids[i, :r]
-    attention_mask = (torch.arange(input_ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    return input_ids, attention_mask
+    rows = [prompt_ids[i, num_prompt - p:].tolist() + response_ids[i, :r].tolist()
+            for i, (p, r) in enumerate(zip(prompt_mask.sum(1).tolist(), response_mask.sum(1).tolist(), strict=True))]
+    return right_pad(rows, pad_id)
 
 
 def reward_model_fn(reward_model: nn.Module, pad_id: int) -> RewardFn:
@@ -411,15 +389,6 @@ def ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, rol
 # ---- Training --------------------------------------------------------------------------------------
 
 
-def peak_memory_mb(device: str | torch.device = "cpu") -> float:
-    """Peak memory so far: torch's peak allocation on a CUDA device, else this process's peak
-    resident set size (everything the process holds, not only the models)."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
 @torch.enable_grad()  # training needs gradients even when called inside no_grad (e.g. lazily)
 def train_ppo(policy: nn.Module, ref_model: nn.Module, reward: nn.Module | RewardFn, tokenizer, prompts: list[str],
               config: PPOConfig = PPOConfig(), eval_fn: Callable[[nn.Module], dict] | None = None,
@@ -428,13 +397,18 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward: nn.Module | Rewar
 
     reward: a reward model (nn.Module, scored on the sampled ids, see reward_model_fn) or any
     function Generation -> (B,) scores, e.g. `oracle_fn` ("PPO-GT"). A value head is put on the
-    policy for training (PolicyWithValueHead); the policy itself stays a plain LM. eval_fn(policy)
-    -> dict of numbers (e.g. evaluation.evaluate_policy on held-out prompts) is called every
+    policy for training (PolicyWithValueHead); the policy itself stays a plain LM. Each step is one
+    rollout batch: sample, score, then ppo_update. The history has dpo_teach.training's format, one
+    entry per rollout batch: "step" (from 0), "lr", "seconds", "sequences" and "tokens" (what the
+    policy read with a gradient: batch_size x num_epochs sequences a step), "train/<m>" for the
+    reward source's "score", the "oracle_reward" and sequence "kl" to ref_model of the rollout's
+    samples, "kl_coef", "response_length" and the PPO statistics, and PPO's other costs:
+    "generated_sequences", "generated_tokens" and "inference_sequences" (forward passes without a
+    gradient: the policy's and the reference's log-probs, the reward model's scores).
+    eval_fn(policy) -> dict of numbers (e.g. evaluation.evaluate_policy on held-out prompts) is
+    recorded as "eval/<key>" with "eval/step" (rollout batches done) before training, every
     config.eval_every steps and after the last; it runs with its own random stream, so it does not
-    change the training run. Per step the history holds the reward source's score, the oracle
-    reward and KL to ref_model of the rollout's samples, the PPO statistics, and cost counters
-    (cumulative wall seconds, tokens generated, sequences through forward/backward passes, peak
-    memory); eval results sit under "eval_step" and "eval_<key>".
+    change the training run. The learning rate follows training.lr_at (constant by default).
     """
     seed_everything(config.seed)
     for m in (policy, ref_model):
@@ -442,15 +416,22 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward: nn.Module | Rewar
     ref_model.requires_grad_(False)
     model = PolicyWithValueHead(policy).to(next(policy.parameters()).device)
     reward_fn = reward_model_fn(reward, tokenizer.pad_token_id) if isinstance(reward, nn.Module) else reward
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(prompts), generator=generator).tolist()
-    num_models = 3 if isinstance(reward, nn.Module) else 2  # policy (+ value head), ref_model (+ reward model)
+    scored = 2 + isinstance(reward, nn.Module)  # forward passes without a gradient per response
     history: dict[str, list] = {}
-    kl_coef, seconds, tokens, forward, backward, cursor = config.kl_coef, 0.0, 0, 0, 0, 0
-    bar = tqdm(range(1, config.num_steps + 1), desc="PPO", disable=not progress)
+    kl_coef, seconds, cursor = config.kl_coef, 0.0, 0
+    costs = dict(sequences=0, tokens=0, generated_sequences=0, generated_tokens=0, inference_sequences=0)
+    evaluating = eval_fn is not None and config.eval_every > 0
+    if evaluating:
+        record_eval(history, policy, lambda: eval_fn_numbers(policy, eval_fn), 0)
+    bar = tqdm(range(config.num_steps), desc="PPO", disable=not progress)
     for step in bar:
         start = time.perf_counter()
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         if cursor + config.batch_size > len(order):  # a new pass over the prompts, in a new order
             order, cursor = torch.randperm(len(prompts), generator=generator).tolist(), 0
         batch_prompts = [prompts[i] for i in order[cursor:cursor + config.batch_size]]
@@ -462,27 +443,23 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward: nn.Module | Rewar
             advantages = whiten(advantages, batch.mask)
         stats = ppo_update(model, optimizer, batch, advantages, returns, config, generator)
         seconds += time.perf_counter() - start
-        tokens += batch.generation.num_tokens
-        forward += config.batch_size * (2 + isinstance(reward, nn.Module) + config.num_epochs)
-        backward += config.batch_size * config.num_epochs
+        g = batch.generation
+        costs["sequences"] += config.batch_size * config.num_epochs
+        costs["tokens"] += int(g.prompt_mask.sum() + g.response_mask.sum()) * config.num_epochs
+        costs["generated_sequences"] += config.batch_size
+        costs["generated_tokens"] += g.num_tokens
+        costs["inference_sequences"] += config.batch_size * scored
         sequence_kl = kl_k1(batch.logps, batch.ref_logps).sum(1)  # (B,) log pi(y|x) - log pi_ref(y|x)
-        row = {"step": step, "score": batch.scores.mean().item(),
-               "oracle_reward": oracle_reward(batch.generation.full_texts).mean().item(),
-               "kl": sequence_kl.mean().item(), "kl_coef": kl_coef,
-               "response_length": batch.mask.sum(1).float().mean().item(), **stats,
-               "wall_seconds": seconds, "tokens_generated": tokens, "forward_sequences": forward,
-               "backward_sequences": backward, "num_models": num_models, "peak_memory_mb": peak_memory_mb(next(policy.parameters()).device)}
-        for key, value in row.items():
-            history.setdefault(key, []).append(value)
+        metrics = {"score": batch.scores.mean().item(), "oracle_reward": oracle_reward(g.full_texts).mean().item(),
+                   "kl": sequence_kl.mean().item(), "kl_coef": kl_coef,
+                   "response_length": batch.mask.sum(1).float().mean().item(), **stats}
+        append(history, {"step": step, "lr": lr, "seconds": seconds, **costs})
+        append(history, metrics, prefix="train/")
         if config.target_kl is not None:
-            kl_coef = update_kl_coef(kl_coef, row["kl"], config.target_kl, config.kl_horizon, config.batch_size)
-        if eval_fn is not None and config.eval_every and (step % config.eval_every == 0 or step == config.num_steps):
-            device = next(policy.parameters()).device
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                evaluation = eval_fn(policy)
-            history.setdefault("eval_step", []).append(step)
-            for key, value in evaluation.items():
-                if isinstance(value, (int, float)):
-                    history.setdefault(f"eval_{key}", []).append(value)
-        bar.set_postfix(score=f"{row['score']:+.2f}", oracle=f"{row['oracle_reward']:+.2f}", kl=f"{row['kl']:.2f}")
+            kl_coef = update_kl_coef(kl_coef, metrics["kl"], config.target_kl, config.kl_horizon, config.batch_size)
+        if evaluating and ((step + 1) % config.eval_every == 0 or step + 1 == config.num_steps):
+            record_eval(history, policy, lambda: eval_fn_numbers(policy, eval_fn), step + 1)
+        bar.set_postfix(score=f"{metrics['score']:+.2f}", oracle=f"{metrics['oracle_reward']:+.2f}",
+                        kl=f"{metrics['kl']:.2f}")
     return history
+

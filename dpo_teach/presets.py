@@ -16,12 +16,16 @@ preset at local folders this way).
 from __future__ import annotations
 
 import os
-import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from dpo_teach.settings import SETTINGS, Settings
+from dpo_teach.utils import seed_everything
+
+__all__ = ["PRESET_ENV", "DEVICE_ENV", "MODEL_ENV", "DATASET_ENV", "DATA_ENV", "CACHE_ENV", "Preset", "cache_dir",
+           "data_dir", "find_device", "get_preset", "setup"]
 
 PRESET_ENV = "DPO_TEACH_PRESET"
 DEVICE_ENV = "DPO_TEACH_DEVICE"
@@ -47,42 +51,32 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class Preset:
-    """Everything that differs between the CPU world and the GPU world."""
+    """Everything that differs between the CPU world and the GPU world: where the model and the data
+    come from, and the preset's settings (dpo_teach.settings.SETTINGS[name])."""
 
     name: str  # "tiny" or "gpt2"
     device: str  # "cpu", "cuda" or "mps"
     model: str  # hub name or local folder of the base model (save_pretrained format)
     dataset: str  # "reviews" (this repository's world) or a hub name / local folder of IMDb-like data
     seed: int = 0  # seed used by setup() for python, numpy and torch
-    max_prompt_tokens: int = 16  # prompts are cut from the left to this many tokens
-    max_response_tokens: int = 48  # responses are cut from the right to this many tokens
-    max_new_tokens: int = 40  # tokens sampled per response during generation
-    eval_prompts: int = 128  # held-out prompts used to evaluate a policy
+    settings: Settings = field(default=None, repr=False)  # every stage's settings (settings.py)
 
-    @property
-    def max_length(self) -> int:
-        """Longest prompt + response sequence the batch builder produces."""
-        return self.max_prompt_tokens + self.max_response_tokens
+    def __post_init__(self):
+        if self.settings is None:
+            object.__setattr__(self, "settings", SETTINGS[self.name])
+
+    # The lengths every stage shares, read from the settings.
+    max_prompt_tokens = property(lambda self: self.settings.max_prompt_tokens)
+    max_response_tokens = property(lambda self: self.settings.max_response_tokens)
+    max_new_tokens = property(lambda self: self.settings.max_new_tokens)
+    eval_prompts = property(lambda self: self.settings.eval_prompts)
+    max_length = property(lambda self: self.settings.max_length)
 
 
 def _base_presets(device: str) -> dict[str, Preset]:
     return {
-        "tiny": Preset(
-            name="tiny",
-            device=device,
-            model=str(data_dir() / "base_model"),
-            dataset="reviews",
-        ),
-        "gpt2": Preset(
-            name="gpt2",
-            device=device,
-            model="gpt2",
-            dataset="stanfordnlp/imdb",
-            max_prompt_tokens=16,
-            max_response_tokens=64,
-            max_new_tokens=48,
-            eval_prompts=512,
-        ),
+        "tiny": Preset(name="tiny", device=device, model=str(data_dir() / "base_model"), dataset="reviews"),
+        "gpt2": Preset(name="gpt2", device=device, model="gpt2", dataset="stanfordnlp/imdb"),
     }
 
 
@@ -110,13 +104,6 @@ def get_preset(name: str | None = None, device: str | None = None, **overrides) 
     if os.environ.get(DATASET_ENV):
         preset = replace(preset, dataset=os.environ[DATASET_ENV])
     return replace(preset, **overrides)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch so that a run gives the same numbers on the same machine."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def setup(preset: str | None = None, seed: int = 0, device: str | None = None, quiet: bool = False) -> Preset:

@@ -14,31 +14,37 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm.auto import tqdm
 
-from dpo_teach.logps import gradient_step
 from dpo_teach.models import EOS_TOKEN, PAD_TOKEN, TinyGPT2Config, tiny_gpt2, wrap_tokenizer
-from dpo_teach.presets import data_dir, seed_everything
+from dpo_teach.presets import data_dir
+from dpo_teach.settings import NEW_TOKENS
+from dpo_teach.sft import token_perplexity
+from dpo_teach.training import TrainConfig, train
+from dpo_teach.utils import seed_everything
 from dpo_teach.world import read_jsonl, write_world
+
+__all__ = ["PretrainConfig", "block_batches", "pack", "perplexity", "pretrain", "sample_texts", "train_tokenizer",
+           "write_readme"]
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
-    """How the base model is pretrained."""
+class PretrainConfig(TrainConfig):
+    """How the base model is pretrained (made once; not a per-preset setting)."""
 
-    seed: int = 0  # seeds initialisation and batch order
-    num_steps: int = 1500  # optimizer steps
-    batch_size: int = 16  # sequences per step
+    num_steps: int = 1500
+    batch_size: int = 16  # sequences per step, drawn at random from the packed blocks
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    eval_every: int = 0  # perplexities are measured once, at the end
     block_size: int = 128  # tokens per sequence (documents are packed, separated by EOS)
-    lr: float = 1e-3  # peak learning rate of AdamW
-    warmup_steps: int = 100  # linear warm-up, then cosine decay to 10% of lr
-    weight_decay: float = 0.1  # AdamW weight decay on matrices
     review_fraction: float = 0.15  # share of reviews in the pretraining mix (the rest is generic)
 
 
@@ -67,17 +73,18 @@ def pack(texts: list[str], tokenizer, block_size: int) -> torch.Tensor:
     return torch.tensor(stream[: num_blocks * block_size]).view(num_blocks, block_size)
 
 
-@torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch_size: int = 64) -> float:
-    """exp(mean next-token loss) over packed blocks."""
-    model.eval()
-    total, count = 0.0, 0
+def block_batches(blocks: torch.Tensor, batch_size: int = 64):
+    """Packed blocks (N, block_size) as batches in build_batch's format: every token but the first
+    of a block is predicted (the loss mask covers the whole block)."""
     for i in range(0, len(blocks), batch_size):
-        batch = blocks[i : i + batch_size]
-        loss = model(input_ids=batch, labels=batch).loss
-        total += loss.item() * batch.numel()
-        count += batch.numel()
-    return math.exp(total / count)
+        rows = blocks[i : i + batch_size]
+        ones = torch.ones_like(rows)
+        yield {"input_ids": rows, "attention_mask": ones, "labels": rows, "loss_mask": ones}
+
+
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 64) -> float:
+    """exp(mean next-token loss) over packed blocks (sft.token_perplexity)."""
+    return token_perplexity(model, block_batches(blocks, batch_size))
 
 
 def pretrain(folder: Path, config: PretrainConfig = PretrainConfig()) -> dict:
@@ -98,35 +105,17 @@ def pretrain(folder: Path, config: PretrainConfig = PretrainConfig()) -> dict:
     val_reviews = pack([r["text"] for r in read_jsonl(world / "reviews_validation.jsonl")], tokenizer, config.block_size)
 
     model = tiny_gpt2(tokenizer)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.95),
-    )
 
-    def lr_at(step: int) -> float:
-        if step < config.warmup_steps:
-            return config.lr * (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.num_steps - config.warmup_steps)
-        return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    def random_rows():  # endless batches of config.batch_size blocks drawn at random
+        while True:
+            yield blocks[torch.randint(len(blocks), (config.batch_size,))]  # (B, block_size)
 
-    start = time.perf_counter()
-    model.train()
-    losses = []
-    bar = tqdm(range(config.num_steps), desc="pretraining")
-    for step in bar:
-        rows = torch.randint(len(blocks), (config.batch_size,))
-        batch = blocks[rows]  # (B, block_size)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        loss = model(input_ids=batch, labels=batch).loss
-        gradient_step(model, optimizer, loss, max_grad_norm=1.0)
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    seconds = time.perf_counter() - start
-    model.eval()
+    def batch_loss(batch: torch.Tensor):
+        loss = model(input_ids=batch, labels=batch).loss  # mean next-token loss
+        return loss, {"loss": loss.item()}, len(batch), batch.numel()
+
+    history = train(model, batch_loss, random_rows(), config, desc="pretraining")
+    seconds, losses = history["seconds"][-1], history["train/loss"]
 
     out = folder / "base_model"
     model.save_pretrained(out, safe_serialization=True)
@@ -155,7 +144,7 @@ def sample_texts(model, tokenizer, seed: int = 0) -> list[dict]:
 
     prompts = ["", "", "The weather", "To make", "I watched", "The acting was"]
     torch.manual_seed(seed)
-    responses = generate(model, tokenizer, prompts, max_new_tokens=40, temperature=1.0, top_k=0, top_p=1.0).texts
+    responses = generate(model, tokenizer, prompts, max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0).texts
     return [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
 
 

@@ -12,24 +12,20 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2Model
 
-from dpo_teach.evaluation import position_ids_from_mask
-from dpo_teach.logps import (
-    build_batch,
-    encode_prompt,
-    encode_response,
-    gradient_step,
-    shuffled_batches,
-)
+from dpo_teach.logps import build_batch, encode_prompt, encode_response
 from dpo_teach.models import disable_dropout
-from dpo_teach.sft import lr_at, make_optimizer
+from dpo_teach.settings import RewardConfig
+from dpo_teach.training import train
+from dpo_teach.utils import position_ids_from_mask, right_pad, shuffled_batches
+
+__all__ = ["RewardConfig", "RewardModel", "bradley_terry_loss", "last_token_index", "pair_batch", "pair_rewards",
+           "pairwise_accuracy", "score_texts", "train_reward_model"]
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -75,34 +71,25 @@ class RewardModel(nn.Module):
         return self.score(hidden[torch.arange(len(hidden), device=hidden.device), last]).squeeze(-1)  # (B,)
 
 
-@dataclass(frozen=True)
-class RewardConfig:
-    """How the reward model is trained (CPU-sized defaults; pipeline.RECIPES holds the per-preset ones)."""
-
-    num_steps: int = 150  # optimizer steps
-    batch_size: int = 32  # preference pairs per step
-    lr: float = 5e-4  # peak learning rate of AdamW
-    warmup_steps: int = 20  # linear warm-up, then cosine decay to 10% of lr
-    weight_decay: float = 0.0  # AdamW weight decay on matrices
-    max_grad_norm: float = 1.0  # gradient clipping
-    max_prompt_tokens: int = 16  # prompts are cut from the left to this many tokens
-    max_response_tokens: int = 48  # responses are cut from the right to this many tokens
-    eval_every: int = 50  # held-out accuracy every this many steps (when eval pairs are given)
-    seed: int = 0  # seeds the order of the pairs
-
-
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def pair_rewards(reward_model: RewardModel, tokenizer, pairs: list[dict], config: RewardConfig = RewardConfig()):
-    """(chosen_rewards, rejected_rewards), each (B,), from one forward pass over both halves."""
+def pair_batch(tokenizer, pairs: list[dict], config: RewardConfig = RewardConfig()) -> dict:
+    """The chosen responses of `pairs`, then the rejected ones, in one right-padded batch (2B rows)."""
     records = [{"prompt": p["prompt"], "response": p["chosen"]} for p in pairs]
     records += [{"prompt": p["prompt"], "response": p["rejected"]} for p in pairs]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        batch = build_batch(records, tokenizer, response_key="response", max_prompt_tokens=config.max_prompt_tokens,
-                            max_response_tokens=config.max_response_tokens)
+        return build_batch(records, tokenizer, response_key="response", max_prompt_tokens=config.max_prompt_tokens,
+                           max_response_tokens=config.max_response_tokens)
+
+
+def pair_rewards(reward_model: RewardModel, tokenizer, pairs: list[dict], config: RewardConfig = RewardConfig(),
+                 batch: dict | None = None):
+    """(chosen_rewards, rejected_rewards), each (B,), from one forward pass over both halves
+    (`batch`: pair_batch of the pairs, when the caller has built it already)."""
+    batch = batch if batch is not None else pair_batch(tokenizer, pairs, config)
     device = _device(reward_model)
     rewards = reward_model(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (2B,)
     return rewards[: len(pairs)], rewards[len(pairs):]
@@ -135,8 +122,8 @@ def pairwise_accuracy(reward_model: RewardModel, tokenizer, pairs, config: Rewar
 
 @torch.no_grad()
 def score_texts(reward_model: RewardModel, tokenizer, prompts: list[str], responses: list[str],
-                batch_size: int = 64, max_prompt_tokens: int | None = 16,
-                max_response_tokens: int | None = 48) -> torch.Tensor:
+                batch_size: int = 64, max_prompt_tokens: int | None = RewardConfig.max_prompt_tokens,
+                max_response_tokens: int | None = RewardConfig.max_response_tokens) -> torch.Tensor:
     """Reward of each (prompt, response), tokenized as in training (EOS + prompt, response + EOS);
     an empty response is just EOS. Shape: (N,)."""
     if len(prompts) != len(responses):
@@ -148,60 +135,41 @@ def score_texts(reward_model: RewardModel, tokenizer, prompts: list[str], respon
     for start in range(0, len(prompts), batch_size):
         rows = [encode_prompt(p, tokenizer, max_prompt_tokens)[0] + encode_response(r, tokenizer, max_response_tokens)[0]
                 for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
+        input_ids, attention_mask = right_pad(rows, tokenizer.pad_token_id)  # (b, T), (b, T)
         scores.append(reward_model(input_ids.to(device), attention_mask.to(device)).cpu())
     reward_model.train(was_training)
     return torch.cat(scores)
 
 
-@torch.enable_grad()  # training needs gradients even when called inside no_grad (e.g. lazily)
 def train_reward_model(reward_model: RewardModel, tokenizer, pairs, config: RewardConfig = RewardConfig(),
-                       eval_pairs=None) -> dict:
+                       eval_pairs=None, progress: bool = True) -> dict:
     """Fit `reward_model` in place to `pairs` ({"prompt", "chosen", "rejected"}) with the BT loss.
 
-    Returns the history, a dict of lists: "step", "loss", "accuracy" (of the training batch),
-    "margin" (mean r_chosen - r_rejected of the batch), "lr", and with eval_pairs "eval_step" and
-    "eval_accuracy" (held-out pairwise accuracy every config.eval_every steps and at the end).
+    Returns the history of dpo_teach.training.train: "step", "lr", "seconds", "sequences",
+    "tokens", "train/loss", "train/accuracy" (of the training batch; a tie counts one half),
+    "train/margin" (mean r_chosen - r_rejected of the batch), and with eval_pairs "eval/step" and
+    "eval/accuracy" (held-out pairwise accuracy before training, every config.eval_every steps and
+    at the end).
     """
     if len(pairs) == 0:
         raise ValueError("train_reward_model got no pairs")
     fields = set(pairs.column_names) if hasattr(pairs, "column_names") else set(pairs[0])
     if not {"prompt", "chosen", "rejected"} <= fields:
         raise ValueError(f"pairs need the fields 'prompt', 'chosen', 'rejected'; got {sorted(fields)}")
-    optimizer = make_optimizer(reward_model, config)
-    history = {"step": [], "loss": [], "accuracy": [], "margin": [], "lr": [], "eval_step": [], "eval_accuracy": []}
 
-    def evaluate(step: int) -> None:
-        if eval_pairs is not None and len(eval_pairs):
-            history["eval_step"].append(step)
-            history["eval_accuracy"].append(pairwise_accuracy(reward_model, tokenizer, eval_pairs, config))
-
-    evaluate(0)
-    batches = shuffled_batches(len(pairs), config.batch_size, config.seed)
-    reward_model.train()
-    bar = tqdm(range(config.num_steps), desc="reward model")
-    for step, index in zip(bar, batches):
+    def batch_loss(index: list[int]):
         rows = _rows(pairs, index)
-        chosen_rewards, rejected_rewards = pair_rewards(reward_model, tokenizer, rows, config)  # (B,), (B,)
+        batch = pair_batch(tokenizer, rows, config)
+        chosen_rewards, rejected_rewards = pair_rewards(reward_model, tokenizer, rows, config, batch)  # (B,), (B,)
         loss = bradley_terry_loss(chosen_rewards, rejected_rewards).mean()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        gradient_step(reward_model, optimizer, loss, config.max_grad_norm)
         margin = (chosen_rewards - rejected_rewards).detach()
-        history["step"].append(step)
-        history["loss"].append(loss.item())
-        history["accuracy"].append(((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item())
-        history["margin"].append(margin.mean().item())
-        history["lr"].append(lr_at(step, config))
-        if (step + 1) % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.num_steps:
-            evaluate(step + 1)
-            reward_model.train()
-    reward_model.eval()
-    return history
+        metrics = {"loss": loss.item(), "accuracy": ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item(),
+                   "margin": margin.mean().item()}
+        return loss, metrics, 2 * len(rows), int(batch["attention_mask"].sum())
+
+    def evaluate() -> dict[str, float]:
+        return {"accuracy": pairwise_accuracy(reward_model, tokenizer, eval_pairs, config)}
+
+    has_eval = eval_pairs is not None and len(eval_pairs) > 0
+    return train(reward_model, batch_loss, shuffled_batches(len(pairs), config.batch_size, config.seed), config,
+                 evaluate if has_eval else None, desc="reward model", progress=progress)

@@ -15,6 +15,10 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from dpo_teach.logps import encode_prompt
+from dpo_teach.settings import NEW_TOKENS
+from dpo_teach.utils import left_pad
+
+__all__ = ["Generation", "generate"]
 
 
 @dataclass
@@ -39,19 +43,8 @@ class Generation:
         return int(self.response_mask.sum())
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad id lists into (ids, mask), both (B, max_len)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
-    return ids, mask
-
-
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, temperature: float = 1.0,
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = NEW_TOKENS, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, max_prompt_tokens: int | None = None,
              batch_size: int = 64) -> Generation:
     """Sample one response per prompt. temperature = 0 means greedy; top_k = 0 and top_p = 1 mean

@@ -31,6 +31,9 @@ from pathlib import Path
 
 import nbformat
 
+__all__ = ["BEGIN", "END", "STUB_COMMENT", "SolutionMarkerError", "solution_blocks", "stub_source",
+           "student_notebook", "make_student_edition", "main"]
+
 BEGIN = "### BEGIN SOLUTION"
 END = "### END SOLUTION"
 STUB_COMMENT = "# YOUR CODE HERE"

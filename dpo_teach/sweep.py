@@ -1,4 +1,4 @@
-"""The powered frontier sweep: every method, setting and seed of SWEEPS[preset], with every
+"""The powered frontier sweep: every method, setting and seed of the preset's settings.sweep, with every
 checkpoint's per-prompt rewards, KLs and lengths written to data/results/<preset>/.
 
     python -m dpo_teach.sweep --preset tiny          # about 40 minutes on 2 CPU cores
@@ -34,7 +34,8 @@ from dpo_teach.frontier import (
     run_to_dict,
     sweep_config,
 )
-from dpo_teach.presets import Preset, data_dir, get_preset, seed_everything
+from dpo_teach.presets import Preset, data_dir, get_preset
+from dpo_teach.utils import seed_everything
 
 __all__ = ["results_dir", "jobs", "run_job", "run_sweep", "load_results", "main"]
 

@@ -13,7 +13,7 @@ tensors in, per-example losses and (detached) implicit rewards out. They differ 
   kto      yes                 sum               unpaired   KTO, Ethayarajh et al. 2024
 
 `train_variant` trains any of them on the same preference pairs (KTO on their unpaired
-conversion) with dpo.training_loop, the loop of dpo.train_dpo: the same optimizer, schedule and
+conversion) with the shared loop (dpo_teach.training.train), as dpo.train_dpo: the same optimizer, schedule and
 history keys. The four DPO-family variants are handed to train_dpo itself, so their numbers are
 those of notebook 08. As in train_dpo, a reference model is only run before training, never
 during it.
@@ -29,22 +29,29 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpo_teach.dpo import (
-    DPOConfig,
-    _check_logps,
-    _records,
+    as_records,
+    check_logps,
     concatenated_batch,
     dpo_loss,
     dpo_metrics,
-    make_evaluate,
+    eval_callbacks,
     pair_logps,
     precompute_ref_logps,
     probe_logps,
     train_dpo,
-    training_loop,
 )
 from dpo_teach.evaluation import generation_logps
 from dpo_teach.logps import build_batch, model_sequence_logps
 from dpo_teach.sampling import generate
+from dpo_teach.settings import NEW_TOKENS, PROMPT_TOKENS, DPOConfig
+from dpo_teach.training import train
+from dpo_teach.utils import shuffled_batches
+
+__all__ = ["VARIANTS", "DPO_FAMILY", "REFERENCE_FREE", "hinge_loss", "ipo_loss", "cdpo_loss", "simpo_loss",
+           "log1mexp", "log_odds", "orpo_loss", "odds_ratio_loss", "kto_loss", "kto_reference_point",
+           "unpair_preferences", "mismatched_records", "VariantConfig", "VARIANT_SETTINGS",
+           "variant_config", "as_dpo_config", "reference_free_batch_loss", "kto_batches", "completion_logps",
+           "kto_batch_loss", "kto_metrics", "train_variant", "make_probes", "ProbeRecorder"]
 
 VARIANTS = ("sigmoid", "cdpo", "hinge", "ipo", "simpo", "orpo", "kto")
 DPO_FAMILY = ("sigmoid", "cdpo", "hinge", "ipo")  # trained by dpo.train_dpo
@@ -55,7 +62,7 @@ def _check_tensors(named: dict[str, Tensor], beta: float | None = None) -> None:
     """Raise ValueError naming the argument when a log-prob tensor (or beta) cannot be used."""
     if beta is not None and not beta > 0:
         raise ValueError(f"beta must be positive, got {beta}")
-    _check_logps(named)
+    check_logps(named)
 
 
 # ---- The DPO family: already in dpo_loss, named here so that every variant has its function ----
@@ -223,7 +230,7 @@ def kto_reference_point(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor
 def unpair_preferences(pairs) -> list[dict]:
     """Preference pairs -> KTO's unpaired schema {"prompt", "completion", "label"}: every chosen
     response with label True, then every rejected response with label False (TRL's order)."""
-    records = _records(pairs)
+    records = as_records(pairs)
     chosen = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in records]
     rejected = [{"prompt": r["prompt"], "completion": r["rejected"], "label": False} for r in records]
     return chosen + rejected
@@ -254,6 +261,7 @@ class VariantConfig(DPOConfig):
     kto_undesirable_weight: float = 1.0  # KTO's lambda_U
 
     def __post_init__(self):
+        super().__post_init__()
         if self.loss_type not in VARIANTS:
             raise ValueError(f"unknown loss_type {self.loss_type!r}: choose one of {VARIANTS}")
         if self.loss_type in REFERENCE_FREE and not self.average_logps:
@@ -338,7 +346,8 @@ def kto_batch_loss(policy, tokenizer, records: list[dict], kl_records: list[dict
                    ref_kl_logps: Tensor, config: VariantConfig, **lengths) -> tuple[Tensor, dict[str, float], int, int]:
     """KTO on one batch of unpaired records: z0 from the batch's mismatched records (under the
     policy without gradient; their reference log-probs ref_kl_logps are given), then the loss of
-    the batch's own responses. Returns (mean loss, metrics, sequences and tokens read by the policy)."""
+    the batch's own responses. Returns (mean loss, metrics, sequences and tokens the policy read
+    with a gradient)."""
     device = next(policy.parameters()).device
     kl_batch = build_batch(kl_records, tokenizer, "completion", **lengths)
     with torch.no_grad():
@@ -350,8 +359,8 @@ def kto_batch_loss(policy, tokenizer, records: list[dict], kl_records: list[dict
     losses, rewards = kto_loss(policy_logps, ref_logps.to(device), labels, z0, config.beta,
                                config.kto_desirable_weight, config.kto_undesirable_weight)
     metrics = kto_metrics(losses, rewards, policy_logps, labels, z0)
-    tokens = int(batch["attention_mask"].sum() + kl_batch["attention_mask"].sum())
-    return losses.mean(), metrics, len(records) + len(kl_records), tokens
+    # what the policy read with a gradient (the mismatched records' forward pass has none)
+    return losses.mean(), metrics, len(records), int(batch["attention_mask"].sum())
 
 
 def kto_metrics(losses: Tensor, rewards: Tensor, policy_logps: Tensor, labels: Tensor, z0: Tensor) -> dict[str, float]:
@@ -384,10 +393,11 @@ def train_variant(policy, tokenizer, train_pairs, config: VariantConfig, ref_mod
       many sequences with a gradient per step as DPO; see kto_batches); z0 from each batch's
       mismatched records. The reference log-probs of the responses (or ref_logps) and of the
       mismatched records are computed once, before training, from ref_model.
-    History keys as train_dpo: "step", "seconds", "sequences", "tokens", the batch metrics ("loss",
-    "rewards/margins", "logps/chosen", ...; for simpo and orpo the log-probs are means per token, as
-    TRL logs them), "eval_step" with the same metrics on eval_pairs prefixed "eval/", eval_fn's
-    numbers as "eval/<key>", and "probe/<name>" for each probe set (see dpo.probe_logps).
+    History as train_dpo's (dpo_teach.training's format): "step", "lr", "seconds", "sequences",
+    "tokens", "train/<m>" for the batch metrics ("train/loss", "train/rewards/margins",
+    "train/logps/chosen", ...; for simpo and orpo the log-probs are means per token, as TRL logs
+    them), and at "eval/step" the same metrics on eval_pairs as "eval/<m>", eval_fn's numbers as
+    "eval/<key>" and "eval/probe/<name>" for each probe set (see dpo.probe_logps).
     """
     if not isinstance(config, VariantConfig):
         raise ValueError(f"config must be a VariantConfig (see variant_config), got {type(config).__name__}")
@@ -397,14 +407,14 @@ def train_variant(policy, tokenizer, train_pairs, config: VariantConfig, ref_mod
         return train_dpo(policy, tokenizer, train_pairs, as_dpo_config(config), ref_model=ref_model,
                          ref_logps=ref_logps, eval_ref_logps=eval_ref_logps, **common)
     if config.loss_type in REFERENCE_FREE:
-        return _train_reference_free(policy, tokenizer, _records(train_pairs), config, **common)
-    return _train_kto(policy, tokenizer, _records(train_pairs), config, ref_model, ref_logps,
+        return _train_reference_free(policy, tokenizer, as_records(train_pairs), config, **common)
+    return _train_kto(policy, tokenizer, as_records(train_pairs), config, ref_model, ref_logps,
                       eval_ref_logps, **common)
 
 
 def _train_reference_free(policy, tokenizer, records, config, eval_pairs, probes, eval_fn, progress,
                           **lengths):
-    def batch_step(index):
+    def batch_loss(index):
         batch = concatenated_batch([records[i] for i in index], tokenizer, **lengths)
         loss, metrics = reference_free_batch_loss(policy, batch, config)
         return loss, metrics, 2 * len(index), int(batch["attention_mask"].sum())
@@ -414,10 +424,13 @@ def _train_reference_free(policy, tokenizer, records, config, eval_pairs, probes
         losses, chosen_rewards, rejected_rewards, extra = _reference_free_losses(chosen_logps, rejected_logps, config)
         return {**dpo_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps), **extra}
 
-    evaluate = make_evaluate(policy, tokenizer, held_out if eval_pairs is not None else None, probes, eval_fn,
-                             **lengths)
-    return training_loop(policy, len(records), config.batch_size, config, batch_step, evaluate,
-                         desc=f"{config.loss_type} beta={config.beta}", progress=progress)
+    def evaluate() -> dict[str, float]:
+        results = held_out() if eval_pairs is not None else {}
+        return {**results, **eval_callbacks(policy, tokenizer, probes, eval_fn, **lengths)}
+
+    has_eval = eval_pairs is not None or bool(probes) or eval_fn is not None
+    return train(policy, batch_loss, shuffled_batches(len(records), config.batch_size, config.seed), config,
+                 evaluate if has_eval else None, desc=f"{config.loss_type} beta={config.beta}", progress=progress)
 
 
 def _train_kto(policy, tokenizer, records, config, ref_model, ref_logps, eval_ref_logps, eval_pairs, probes,
@@ -437,18 +450,22 @@ def _train_kto(policy, tokenizer, records, config, ref_model, ref_logps, eval_re
     ref_kl = completion_logps(ref_model, tokenizer, sum(kl_records, []), config.average_logps, **lengths)
     ref_kl = ref_kl.view(len(batches), -1)  # (batches, batch size)
     held_out = None
-    if eval_pairs is not None:
-        held_out = _kto_evaluator(policy, ref_model, tokenizer, _records(eval_pairs), eval_ref_logps, config,
+    if eval_pairs is not None:  # KTO's metrics on the held-out pairs (reference parts computed once, here)
+        held_out = _kto_evaluator(policy, ref_model, tokenizer, as_records(eval_pairs), eval_ref_logps, config,
                                   **lengths)
 
-    def batch_step(index):
-        (b,) = index  # one of the fixed batches
+    def batch_loss(b: int):  # b: which of the fixed batches
         return kto_batch_loss(policy, tokenizer, [unpaired[i] for i in batches[b]], kl_records[b],
                               unpaired_ref[batches[b]], ref_kl[b], config, **lengths)
 
-    evaluate = make_evaluate(policy, tokenizer, held_out, probes, eval_fn, **lengths)
-    return training_loop(policy, len(batches), 1, config, batch_step, evaluate, desc=f"kto beta={config.beta}",
-                         progress=progress)
+    # The fixed batches in a seeded order, a new order every pass over them.
+    order = (first for first, in shuffled_batches(len(batches), 1, config.seed))
+    def evaluate() -> dict[str, float]:
+        return {**(held_out() if held_out else {}), **eval_callbacks(policy, tokenizer, probes, eval_fn, **lengths)}
+
+    has_eval = held_out is not None or bool(probes) or eval_fn is not None
+    return train(policy, batch_loss, order, config, evaluate if has_eval else None, desc=f"kto beta={config.beta}",
+                 progress=progress)
 
 
 def _kto_evaluator(policy, ref_model, tokenizer, records, ref_logps, config, **lengths):
@@ -481,7 +498,7 @@ def _kto_evaluator(policy, ref_model, tokenizer, records, ref_logps, config, **l
 
 
 def make_probes(train_pairs, eval_pairs=None, policy=None, tokenizer=None, n: int = 64, seed: int = 0,
-                max_new_tokens: int = 40, max_prompt_tokens: int | None = 16) -> dict[str, list[dict]]:
+                max_new_tokens: int = NEW_TOKENS, max_prompt_tokens: int | None = PROMPT_TOKENS) -> dict[str, list[dict]]:
     """Probe sets {"prompt", "response"} for the learning-dynamics view of Ren & Sutherland (ICLR 2025,
     "Learning Dynamics of LLM Finetuning"), n each, from a seeded sample of the training pairs:
 
@@ -493,7 +510,7 @@ def make_probes(train_pairs, eval_pairs=None, policy=None, tokenizer=None, n: in
           training prompts (with policy and tokenizer), a fixed text; empty responses are left out.
           ProbeRecorder follows the greedy response of the policy being trained instead.
     """
-    records = _records(train_pairs)
+    records = as_records(train_pairs)
     picked = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     sample = [records[i] for i in picked]
     probes = {key: [{"prompt": r["prompt"], "response": r[field]} for r in sample]
@@ -501,7 +518,7 @@ def make_probes(train_pairs, eval_pairs=None, policy=None, tokenizer=None, n: in
     probes["other_chosen"] = [{"prompt": r["prompt"], "response": _other_prompt(sample, i)["chosen"]}
                               for i, r in enumerate(sample)]
     if eval_pairs is not None:
-        probes["eval_chosen"] = [{"prompt": r["prompt"], "response": r["chosen"]} for r in _records(eval_pairs)[:n]]
+        probes["eval_chosen"] = [{"prompt": r["prompt"], "response": r["chosen"]} for r in as_records(eval_pairs)[:n]]
     if policy is not None:
         prompts = [r["prompt"] for r in sample]
         texts = generate(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
@@ -540,7 +557,7 @@ class ProbeRecorder:
     """
 
     def __init__(self, tokenizer, probes: dict[str, list[dict]] | None = None, greedy_prompts=None,
-                 max_new_tokens: int = 40, max_prompt_tokens: int | None = 16,
+                 max_new_tokens: int = NEW_TOKENS, max_prompt_tokens: int | None = PROMPT_TOKENS,
                  max_response_tokens: int | None = None):
         self.tokenizer, self.probes = tokenizer, dict(probes or {})
         self.greedy_prompts = list(greedy_prompts or [])

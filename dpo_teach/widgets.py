@@ -14,6 +14,8 @@ from torch import Tensor
 from dpo_teach import bandit
 from dpo_teach.plotting import plot_bradley_terry, plot_policy_bars
 
+__all__ = ["bt_explorer", "beta_explorer"]
+
 
 def bt_explorer(difference: float = 1.0) -> ipywidgets.interactive:
     """Notebook 01: a slider for r(y_w) - r(y_l); plots the BT win probability and the loss."""

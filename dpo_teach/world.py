@@ -21,6 +21,13 @@ from pathlib import Path
 
 import torch
 
+__all__ = ["GENRES", "ASPECTS", "POSITIVE", "NEGATIVE", "NEUTRAL_ADJ", "INTENSIFIERS", "FIRST_NAMES",
+           "LAST_NAMES", "TITLE_ADJ", "TITLE_NOUNS", "PLACES", "SUBJECTS", "PLOTS", "PLURAL_ASPECTS",
+           "VERDICTS", "generate_review", "TOWNS", "DAYS", "TEAMS", "NUMBERS", "FOODS", "INGREDIENTS",
+           "GENERIC_TOPICS", "generate_generic", "generate_reviews", "make_prompt", "SPLITS", "PROMPT_SETS",
+           "read_jsonl", "write_world", "world_dir", "load_split", "oracle_reward", "load_reviews",
+           "load_prompts"]
+
 # ----------------------------------------------------------------------------------------------
 # Vocabulary of the review grammar. Sentiment words are mostly ones VADER's lexicon knows, with a
 # few it does not ("tedious", "forgettable"): like any real judge, the oracle is imperfect.

@@ -11,9 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dpo_teach import dpo
+from dpo_teach import training
 from dpo_teach.dpo import (
-    DPOConfig,
     concatenated_batch,
     dpo_batch_loss,
     dpo_loss,
@@ -23,8 +22,10 @@ from dpo_teach.dpo import (
     precompute_ref_logps,
     train_dpo,
 )
-from dpo_teach.logps import build_batch, model_sequence_logps, sequence_logps, shuffled_batches
+from dpo_teach.logps import build_batch, model_sequence_logps, sequence_logps
 from dpo_teach.models import frozen_copy
+from dpo_teach.settings import DPOConfig
+from dpo_teach.utils import shuffled_batches
 from dpo_teach.variants import train_variant, variant_config
 
 PAIRS = [
@@ -56,20 +57,25 @@ def test_one_forward_equals_separate_forwards(tiny_model, tokenizer):
     torch.testing.assert_close(rejected_logps, alone_rejected, atol=1e-5, rtol=1e-5)
 
 
-class CountingModel(torch.nn.Module):
-    """Wraps a model and counts its forward passes."""
+def counting(model):
+    """`model`, counting its forward passes in model.calls: every pass runs its transformer trunk
+    (base_model), whether through model(...) or through model_sequence_logps."""
+    model.calls = 0
 
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.calls = model, 0
+    def count(*args):
+        model.calls += 1
 
-    def forward(self, **kwargs):
-        self.calls += 1
-        return self.model(**kwargs)
+    model.base_model.register_forward_hook(count)
+    return model
 
 
 def test_reference_is_run_once_per_data_set_not_during_training(tiny_model, tokenizer):
-    ref_model = CountingModel(frozen_copy(tiny_model))
+    ref_model = counting(frozen_copy(tiny_model))
+    with torch.no_grad():
+        ref_model(input_ids=torch.tensor([[1, 2]]))
+        model_sequence_logps(ref_model, build_batch(PAIRS[:2], tokenizer, "chosen"))
+    assert ref_model.calls == 2, "the counter sees both ways of running the model"
+    ref_model.calls = 0
     policy = copy.deepcopy(tiny_model)
     config = DPOConfig(num_steps=6, batch_size=4, eval_every=3)
     train_dpo(policy, tokenizer, PAIRS, config, ref_model=ref_model, eval_pairs=PAIRS[:4], progress=False)
@@ -82,16 +88,16 @@ def test_first_loss_is_log2_and_training_separates_the_pairs(tiny_model, tokeniz
     config = DPOConfig(num_steps=30, batch_size=8, lr=1e-3, beta=0.5, eval_every=10)
     history = train_dpo(policy, tokenizer, PAIRS, config, ref_model=frozen_copy(tiny_model),
                         eval_pairs=PAIRS[:4], progress=False)
-    assert history["loss"][0] == pytest.approx(math.log(2), abs=1e-6), "policy == reference at step 0"
+    assert history["train/loss"][0] == pytest.approx(math.log(2), abs=1e-6), "policy == reference at step 0"
     assert history["eval/loss"][-1] < 0.5 * math.log(2)
     assert history["eval/rewards/accuracies"][-1] == 1.0
     assert history["eval/rewards/margins"][-1] > history["eval/rewards/margins"][0]
-    assert history["eval_step"] == [0, 10, 20, 30]
+    assert history["eval/step"] == [0, 10, 20, 30]
     assert any(not torch.equal(b, p) for b, p in zip(before, policy.parameters()))
     assert history["tokens"][-1] > 0 and history["sequences"][-1] == 2 * 30 * 8
     trl_names = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                  "logps/chosen", "logps/rejected"}
-    assert trl_names <= set(history) and {f"eval/{k}" for k in trl_names} <= set(history)
+    assert {f"train/{k}" for k in trl_names} <= set(history) and {f"eval/{k}" for k in trl_names} <= set(history)
 
 
 def test_training_is_deterministic(tiny_model, tokenizer):
@@ -99,26 +105,27 @@ def test_training_is_deterministic(tiny_model, tokenizer):
     for _ in range(2):
         policy = copy.deepcopy(tiny_model)
         runs.append(train_dpo(policy, tokenizer, PAIRS, DPOConfig(num_steps=5, batch_size=4, lr=1e-3),
-                              ref_model=frozen_copy(tiny_model), progress=False)["loss"])
+                              ref_model=frozen_copy(tiny_model), progress=False)["train/loss"])
     assert runs[0] == runs[1]
 
 
 def test_train_dpo_is_the_loop_written_out(tiny_model, tokenizer):
-    """train_dpo (dpo.training_loop), train_variant("sigmoid") and the loop written out by hand on
-    the same seeded batches, with the same AdamW and warm-up: every number of the history is the
-    same, to the last bit, and so are the trained weights."""
+    """train_dpo (dpo_teach.training.train), train_variant("sigmoid") and the loop written out by
+    hand on the same seeded batches, with the same AdamW (the config's betas, no weight decay) and
+    warm-up: every number of the history is the same, to the last bit, and so are the trained weights."""
     config = DPOConfig(num_steps=7, batch_size=4, lr=2e-3, warmup_steps=3, eval_every=3, seed=1)
     ref = frozen_copy(tiny_model)
     ref_logps = precompute_ref_logps(ref, tokenizer, PAIRS)
     eval_ref_logps = precompute_ref_logps(ref, tokenizer, PAIRS[:4])
 
     policy = copy.deepcopy(tiny_model)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
+    assert config.weight_decay == 0.0 and config.schedule == "constant"
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, betas=config.adam_betas, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / config.warmup_steps))
     by_hand = defaultdict(list)
 
     def evaluate(step):
-        by_hand["eval_step"].append(step)
+        by_hand["eval/step"].append(step)
         for key, value in evaluate_pairs(policy, tokenizer, PAIRS[:4], eval_ref_logps, config).items():
             by_hand[f"eval/{key}"].append(value)
 
@@ -128,6 +135,7 @@ def test_train_dpo_is_the_loop_written_out(tiny_model, tokenizer):
     for step, index in zip(range(config.num_steps), shuffled_batches(len(PAIRS), config.batch_size, config.seed)):
         batch = concatenated_batch([PAIRS[i] for i in index], tokenizer)
         loss, metrics = dpo_batch_loss(policy, batch, ref_logps[0][index], ref_logps[1][index], config)
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
@@ -135,10 +143,11 @@ def test_train_dpo_is_the_loop_written_out(tiny_model, tokenizer):
         schedule.step()
         tokens += int(batch["attention_mask"].sum())
         by_hand["step"].append(step)
+        by_hand["lr"].append(lr)
         by_hand["sequences"].append(2 * (step + 1) * config.batch_size)
         by_hand["tokens"].append(tokens)
         for key, value in metrics.items():
-            by_hand[key].append(value)
+            by_hand[f"train/{key}"].append(value)
         if (step + 1) % config.eval_every == 0 or step == config.num_steps - 1:
             evaluate(step + 1)
 
@@ -146,17 +155,18 @@ def test_train_dpo_is_the_loop_written_out(tiny_model, tokenizer):
         trained = copy.deepcopy(tiny_model)
         history = train(trained, tokenizer, PAIRS, run_config, ref_logps=ref_logps, eval_pairs=PAIRS[:4],
                         eval_ref_logps=eval_ref_logps, progress=False)
-        assert list(history)[:5] == ["step", "seconds", "sequences", "tokens", "eval_step"], train.__name__
+        assert list(history)[:6] == ["step", "lr", "seconds", "sequences", "tokens", "eval/step"], train.__name__
         assert {key: value for key, value in history.items() if key != "seconds"} == dict(by_hand), train.__name__
         assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), policy.parameters())), train.__name__
-    assert by_hand["eval_step"] == [0, 3, 6, 7] and by_hand["loss"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert by_hand["eval/step"] == [0, 3, 6, 7] and by_hand["train/loss"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert by_hand["lr"][:4] == pytest.approx([config.lr / 3, 2 * config.lr / 3, config.lr, config.lr])
 
 
 def test_seconds_exclude_evaluation_and_eval_fn_changes_nothing(tiny_model, tokenizer, monkeypatch):
     """A clock that only evaluations move: the training itself then took no time. eval_fn draws
     random numbers, in a forked stream, so the losses are those of a run without it."""
     clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr(dpo, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=lambda: clock.now))
 
     def slow_eval_fn(policy):
         clock.now += 100.0
@@ -167,9 +177,9 @@ def test_seconds_exclude_evaluation_and_eval_fn_changes_nothing(tiny_model, toke
     history = train_dpo(copy.deepcopy(tiny_model), tokenizer, PAIRS, config, ref_logps=ref_logps,
                         eval_fn=slow_eval_fn, progress=False)
     plain = train_dpo(copy.deepcopy(tiny_model), tokenizer, PAIRS, config, ref_logps=ref_logps, progress=False)
-    assert clock.now == 300.0 and history["eval_step"] == [0, 2, 4] and len(history["eval/random"]) == 3
+    assert clock.now == 300.0 and history["eval/step"] == [0, 2, 4] and len(history["eval/random"]) == 3
     assert history["seconds"] == [0.0] * 4
-    assert history["loss"] == plain["loss"]
+    assert history["train/loss"] == plain["train/loss"]
 
 
 def test_sequences_count_what_the_policy_read(tiny_model, tokenizer):

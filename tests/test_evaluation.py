@@ -20,7 +20,8 @@ from dpo_teach.logps import (
     model_sequence_logps,
     sequence_logps,
 )
-from dpo_teach.sampling import Generation, generate, left_pad
+from dpo_teach.sampling import Generation, generate
+from dpo_teach.utils import left_pad
 
 PROMPTS = ["I watched", "The acting was really", "", "What a"]
 RECORDS = [

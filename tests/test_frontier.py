@@ -16,8 +16,9 @@ from dpo_teach import bandit, dpo, frontier, pipeline, ppo
 from dpo_teach.cost import models_mb
 from dpo_teach.frontier import MethodData, Point, Run
 from dpo_teach.models import frozen_copy
-from dpo_teach.reward import RewardConfig, RewardModel, train_reward_model
-from dpo_teach.sft import SFTConfig, train_sft
+from dpo_teach.reward import RewardModel, train_reward_model
+from dpo_teach.settings import SETTINGS, DPOConfig, RewardConfig, SFTConfig
+from dpo_teach.sft import train_sft
 from dpo_teach.stats import Interval
 from dpo_teach.world import load_prompts, oracle_reward
 
@@ -502,19 +503,23 @@ def test_mean_curve_means_and_standard_errors_over_seeds():
 # ---- Sweep sizes ----------------------------------------------------------------------------------
 
 
+SWEEPS = {name: settings.sweep for name, settings in SETTINGS.items()}
+LIVE_SWEEPS = {name: settings.live_sweep for name, settings in SETTINGS.items()}
+
+
 def test_tiny_sweep_is_smaller_than_the_gpt2_sweep():
-    tiny, full = frontier.SWEEPS["tiny"], frontier.SWEEPS["gpt2"]
+    tiny, full = SWEEPS["tiny"], SWEEPS["gpt2"]
     for name in ("dpo_betas", "ppo_kl_coefs", "ppo_target_kls", "ppo_gt_kl_coefs", "seeds", "best_of_n"):
         assert 0 < len(getattr(tiny, name)) <= len(getattr(full, name)), name
     for name in ("dpo_steps", "ppo_steps", "preferred_ft_steps", "eval_prompts"):
         assert 0 < getattr(tiny, name) < getattr(full, name), name
-    for sweep in (tiny, full, *frontier.LIVE_SWEEPS.values()):
+    for sweep in (tiny, full, *LIVE_SWEEPS.values()):
         assert 0 < sweep.dpo_eval_every <= sweep.dpo_steps and 0 < sweep.ppo_eval_every <= sweep.ppo_steps
         assert min(sweep.best_of_n) >= 1 and sweep.samples_per_prompt >= 1
         assert len(set(sweep.seeds)) >= 1 and len(set(sweep.seeds)) == len(sweep.seeds)
     assert len(tiny.seeds) >= 3 and tiny.ideal_samples > 0, "the powered sweep: several seeds, the ideal frontier"
-    for name, powered in frontier.SWEEPS.items():  # the live sweep is a reduced one
-        live = frontier.LIVE_SWEEPS[name]
+    for name, powered in SWEEPS.items():  # the live sweep is a reduced one
+        live = LIVE_SWEEPS[name]
         for field in ("dpo_steps", "ppo_steps", "preferred_ft_steps", "eval_prompts"):
             assert getattr(live, field) <= getattr(powered, field), (name, field)
         for field in ("dpo_betas", "ppo_kl_coefs", "ppo_target_kls", "ppo_gt_kl_coefs", "seeds", "best_of_n"):
@@ -524,14 +529,17 @@ def test_tiny_sweep_is_smaller_than_the_gpt2_sweep():
 def test_sweep_config_per_preset_with_overrides(preset):
     from dpo_teach.presets import get_preset
 
-    assert frontier.sweep_config(preset) == frontier.SWEEPS["tiny"]
-    assert frontier.live_sweep_config(preset) == frontier.LIVE_SWEEPS["tiny"]
-    assert frontier.sweep_config(get_preset("gpt2", device="cpu")) == frontier.SWEEPS["gpt2"]
+    assert frontier.sweep_config(preset) == SWEEPS["tiny"]
+    assert frontier.live_sweep_config(preset) == LIVE_SWEEPS["tiny"]
+    assert frontier.sweep_config(get_preset("gpt2", device="cpu")) == SWEEPS["gpt2"]
+    assert frontier.live_sweep_config(get_preset("gpt2", device="cpu")) == LIVE_SWEEPS["gpt2"]
+    other = replace(preset, settings=replace(preset.settings, sweep=replace(SWEEPS["tiny"], dpo_steps=3)))
+    assert frontier.sweep_config(other).dpo_steps == 3, "read from the preset's settings"
     changed = frontier.sweep_config(preset, dpo_steps=4, seeds=(7,))
     assert changed.dpo_steps == 4 and changed.seeds == (7,)
-    assert replace(changed, dpo_steps=frontier.SWEEPS["tiny"].dpo_steps, seeds=frontier.SWEEPS["tiny"].seeds) \
-        == frontier.SWEEPS["tiny"], "the other fields are kept"
-    assert frontier.SWEEPS["tiny"].dpo_steps != 4, "the stored sweep is not changed"
+    assert replace(changed, dpo_steps=SWEEPS["tiny"].dpo_steps, seeds=SWEEPS["tiny"].seeds) \
+        == SWEEPS["tiny"], "the other fields are kept"
+    assert SWEEPS["tiny"].dpo_steps != 4 and SETTINGS["tiny"].sweep.dpo_steps != 4, "the stored sweep is not changed"
     assert frontier.live_sweep_config(preset, eval_prompts=3).eval_prompts == 3
     with pytest.raises(TypeError):
         frontier.sweep_config(preset, no_such_field=1)
@@ -561,10 +569,12 @@ REWARD_COST = {"seconds": 3.0, "peak_memory_mb": 50.0, "forward_sequences": 100,
 
 
 @pytest.fixture()
-def small_preset(preset, monkeypatch):
-    """The tiny preset with 6-token responses and small DPO batches (fast)."""
-    monkeypatch.setitem(dpo.DPO_CONFIGS, preset.name, replace(dpo.DPO_CONFIGS[preset.name], batch_size=DPO_BATCH))
-    return replace(preset, max_new_tokens=6)
+def small_preset(preset):
+    """The tiny preset with 6-token responses (in every stage's settings) and small DPO batches (fast)."""
+    settings = preset.settings
+    return replace(preset, settings=replace(settings, max_new_tokens=6, dpo=replace(settings.dpo, batch_size=DPO_BATCH),
+                                            ppo=replace(settings.ppo, max_new_tokens=6),
+                                            pairs=replace(settings.pairs, max_new_tokens=6)))
 
 
 def make_reward_model(policy) -> RewardModel:
@@ -716,8 +726,10 @@ def test_ppo_run_checkpoints_and_cost(experiment, tiny_model, small_preset):
 
 
 class FakeTrainPPO:
-    """A stand-in for ppo.train_ppo: records its arguments, calls eval_fn where train_ppo would, and
-    returns a history with made-up cost counters."""
+    """A stand-in for ppo.train_ppo: records its arguments, calls eval_fn where train_ppo would (before
+    training, every eval_every rollout batches and after the last), and
+    returns a history (train_ppo's format) with made-up cost counters: per rollout batch 1.5 seconds,
+    10 sequences with a gradient, 90 more forward passes without one, batch_size sequences generated."""
 
     def __init__(self):
         self.calls = []
@@ -725,16 +737,20 @@ class FakeTrainPPO:
     def __call__(self, policy, ref_model, reward, tokenizer, prompts, config, eval_fn=None, progress=True):
         self.calls.append({"policy": policy, "ref_model": ref_model, "reward": reward, "prompts": prompts,
                            "config": config})
-        history = {key: [] for key in ("wall_seconds", "forward_sequences", "backward_sequences", "kl_coef",
-                                       "eval_step")}
+        history = {key: [] for key in ("step", "seconds", "sequences", "inference_sequences", "generated_sequences",
+                                       "train/kl_coef", "eval/step")}
+        eval_fn(policy)  # before training, as train_ppo does
+        history["eval/step"].append(0)
         for step in range(1, config.num_steps + 1):
-            history["wall_seconds"].append(1.5 * step)
-            history["forward_sequences"].append(100 * step)
-            history["backward_sequences"].append(10 * step)
-            history["kl_coef"].append(config.kl_coef * (2 ** step if config.target_kl is not None else 1))
+            history["step"].append(step - 1)
+            history["seconds"].append(1.5 * step)
+            history["sequences"].append(10 * step)
+            history["inference_sequences"].append(90 * step)
+            history["generated_sequences"].append(config.batch_size * step)
+            history["train/kl_coef"].append(config.kl_coef * (2 ** step if config.target_kl is not None else 1))
             if step % config.eval_every == 0 or step == config.num_steps:
                 eval_fn(policy)
-                history["eval_step"].append(step)
+                history["eval/step"].append(step)
         return history
 
 
@@ -929,18 +945,18 @@ def test_training_functions_train_even_under_no_grad(tiny_model, tokenizer):
     with torch.no_grad():
         history = train_reward_model(reward_model, tokenizer, TRAIN_PAIRS[:8],
                                      RewardConfig(num_steps=2, batch_size=4, warmup_steps=0, lr=1e-2))
-    assert len(history["loss"]) == 2 and not unchanged(reward_model, before)
+    assert len(history["train/loss"]) == 2 and not unchanged(reward_model, before)
     policy = copy.deepcopy(tiny_model)
     before = snapshot(policy)
     records = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in PAIRS]
     with torch.no_grad():
         history = train_sft(policy, tokenizer, records, SFTConfig(num_steps=2, batch_size=3, lr=1e-2,
                                                                   warmup_steps=0, eval_every=2))
-    assert len(history["loss"]) == 2 and not unchanged(policy, before)
+    assert len(history["train/loss"]) == 2 and not unchanged(policy, before)
     policy = copy.deepcopy(tiny_model)
     before = snapshot(policy)
     with torch.no_grad():
-        history = dpo.train_dpo(policy, tokenizer, TRAIN_PAIRS[:8], dpo.DPOConfig(num_steps=2, batch_size=4, lr=1e-2,
+        history = dpo.train_dpo(policy, tokenizer, TRAIN_PAIRS[:8], DPOConfig(num_steps=2, batch_size=4, lr=1e-2,
                                                                                  warmup_steps=1, eval_every=0),
                                 ref_model=frozen_copy(tiny_model), progress=False)
-    assert len(history["loss"]) == 2 and not unchanged(policy, before)
+    assert len(history["train/loss"]) == 2 and not unchanged(policy, before)

@@ -3,6 +3,7 @@ what it is asked. The labels must come from the oracle applied to the CURRENT po
 
 import copy
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import datasets
@@ -10,7 +11,6 @@ import pytest
 import torch
 
 from dpo_teach import online
-from dpo_teach.dpo import DPOConfig
 from dpo_teach.models import frozen_copy
 from dpo_teach.online import (
     label_matched_pairs,
@@ -19,6 +19,7 @@ from dpo_teach.online import (
     round_prompts,
     sample_pairs,
 )
+from dpo_teach.settings import DPOConfig
 
 PROMPTS = ["I watched", "The acting was", "What a", "The plot", "This film", "My friends"]
 CONFIG = DPOConfig(beta=0.5, batch_size=4, lr=5e-3, warmup_steps=1, seed=3)
@@ -76,7 +77,8 @@ def test_ties_are_skipped_and_counted(tiny_model, tokenizer):
 def test_a_round_of_ties_trains_nothing(tiny_model, tokenizer):
     policy, history = run(tiny_model, tokenizer, 1, RecordingOracle(tie_prompts=PROMPTS))
     assert history["ties"] == [6] and history["pairs"] == [0] and history["steps"] == [0]
-    assert math.isnan(history["loss"][0])
+    assert all(math.isnan(history[key][0])
+               for key in ("train/loss", "train/rewards/margins", "train/rewards/accuracies"))
     assert all(torch.equal(a, b) for a, b in zip(policy.parameters(), tiny_model.parameters()))
 
 
@@ -86,7 +88,9 @@ def test_same_seed_same_run(tiny_model, tokenizer):
         if key != "seconds":
             assert history_a[key] == history_b[key], key
     assert all(torch.equal(a, b) for a, b in zip(policy_a.parameters(), policy_b.parameters()))
-    assert history_a["steps"] == [3, 6] and all(math.isfinite(x) for x in history_a["loss"])
+    assert history_a["steps"] == [3, 6] and all(math.isfinite(x) for x in history_a["train/loss"])
+    assert len(history_a["train/rewards/margins"]) == len(history_a["train/rewards/accuracies"]) == 2
+    assert history_a["round"] == [1, 2]
 
 
 def test_eval_fn_before_and_after_each_round(tiny_model, tokenizer):
@@ -98,9 +102,9 @@ def test_eval_fn_before_and_after_each_round(tiny_model, tokenizer):
 
     _, history = run(tiny_model, tokenizer, 2, RecordingOracle(), eval_fn=eval_fn)
     _, plain = run(tiny_model, tokenizer, 2, RecordingOracle())
-    assert history["eval_round"] == [0, 1, 2] and history["eval_labels"] == [0, 6, 12]
+    assert history["eval/round"] == [0, 1, 2] and history["eval/labels"] == [0, 6, 12] and len(seen) == 3
     assert len(history["eval/first_weight"]) == 3 and "eval/texts" not in history
-    assert history["collected_pairs"] == plain["collected_pairs"] and history["loss"] == plain["loss"]
+    assert history["collected_pairs"] == plain["collected_pairs"] and history["train/loss"] == plain["train/loss"]
 
 
 def test_sample_pairs_skips_empty_and_identical_responses(tokenizer, monkeypatch):
@@ -161,3 +165,9 @@ def test_sample_scores_are_recorded_per_prompt(tiny_model, tokenizer):
         given = [oracle.scores[t] for t in oracle.calls[round_index]]  # rows 2i and 2i + 1: prompt i
         assert scores == pytest.approx([(given[2 * i] + given[2 * i + 1]) / 2 for i in range(len(PROMPTS))])
         assert sum(scores) / len(scores) == pytest.approx(history["sample_reward"][round_index])
+
+
+def test_online_dpo_needs_a_constant_schedule(tiny_model, tokenizer):
+    """Its length is not known in advance, so a decaying schedule has no end to plan for."""
+    with pytest.raises(ValueError, match="schedule='constant'"):
+        online_dpo(tiny_model, tiny_model, tokenizer, ["a"], replace(CONFIG, schedule="cosine"), rounds=1)

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from dpo_teach import pairs as pairs_module
-from dpo_teach.pairs import PairsConfig, build_preference_pairs, make_preference_pairs
+from dpo_teach.pairs import build_preference_pairs, make_preference_pairs
 from dpo_teach.presets import get_preset
 from dpo_teach.sampling import Generation
+from dpo_teach.settings import PairsConfig
 from dpo_teach.world import load_prompts, oracle_reward
 
 

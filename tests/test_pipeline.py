@@ -1,5 +1,6 @@
 """The pipeline: one call each for the SFT policy, the pairs and the reward model; cached, checked
-against the recipe, and equal to running the recipe by hand. A tiny base model and tiny recipes."""
+against the recipe (the preset's settings), and equal to running the recipe by hand. A tiny base
+model and tiny settings."""
 
 from dataclasses import replace
 
@@ -7,12 +8,13 @@ import pytest
 import torch
 
 from dpo_teach import pipeline
-from dpo_teach.pairs import PairsConfig, make_preference_pairs
+from dpo_teach.pairs import make_preference_pairs
 from dpo_teach.presets import get_preset
-from dpo_teach.reward import RewardConfig, RewardModel, score_texts
-from dpo_teach.sft import SFTConfig
+from dpo_teach.reward import RewardModel, score_texts
+from dpo_teach.settings import SETTINGS, PairsConfig, RewardConfig, SFTConfig
 
-TINY_RECIPE = pipeline.Recipe(
+TINY_SETTINGS = replace(
+    SETTINGS["tiny"],
     sft=SFTConfig(num_steps=3, batch_size=4, warmup_steps=1),
     pairs=PairsConfig(num_train_prompts=3, num_test_prompts=2, max_new_tokens=6),
     reward=RewardConfig(num_steps=3, batch_size=4, warmup_steps=1),
@@ -21,13 +23,12 @@ TINY_RECIPE = pipeline.Recipe(
 
 @pytest.fixture()
 def tiny_preset(tmp_path, monkeypatch, tiny_model, tokenizer):
-    """The "tiny" preset with a tiny random base model, tiny recipes and an empty cache in tmp_path."""
+    """The "tiny" preset with a tiny random base model, tiny settings and an empty cache in tmp_path."""
     base = tmp_path / "base_model"
     tiny_model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     monkeypatch.setenv("DPO_TEACH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(pipeline.RECIPES, "tiny", TINY_RECIPE)
-    return replace(get_preset("tiny", device="cpu"), model=str(base))
+    return replace(get_preset("tiny", device="cpu"), model=str(base), settings=TINY_SETTINGS)
 
 
 def same_weights(a, b) -> bool:
@@ -36,9 +37,10 @@ def same_weights(a, b) -> bool:
 
 def test_recipes_exist_for_every_preset():
     for name in ("tiny", "gpt2"):
-        recipe = pipeline.RECIPES[name]
-        assert recipe.pairs.completions_per_prompt == 4 and recipe.pairs.labels == "oracle"
-    assert pipeline.RECIPES["gpt2"].sft.num_steps > pipeline.RECIPES["tiny"].sft.num_steps
+        settings = get_preset(name, device="cpu").settings
+        assert settings == SETTINGS[name]
+        assert settings.pairs.completions_per_prompt == 4 and settings.pairs.labels == "oracle"
+    assert SETTINGS["gpt2"].sft.num_steps > SETTINGS["tiny"].sft.num_steps
 
 
 def test_sft_policy_is_trained_once_then_loaded(tiny_preset, capsys, tiny_model):
@@ -51,14 +53,15 @@ def test_sft_policy_is_trained_once_then_loaded(tiny_preset, capsys, tiny_model)
     assert same_weights(policy, again)
     by_hand, _, history = pipeline.train_sft_policy(tiny_preset)  # the recipe, run again: same numbers
     assert same_weights(policy, by_hand)
-    assert pipeline.load_history(tiny_preset, "sft")["loss"] == history["loss"]
+    assert len(history["train/loss"]) == TINY_SETTINGS.sft.num_steps, "the preset's settings were used"
+    assert pipeline.load_history(tiny_preset, "sft")["train/loss"] == history["train/loss"]
 
 
-def test_a_changed_recipe_or_base_model_is_not_loaded(tiny_preset, capsys, monkeypatch, tiny_model):
+def test_a_changed_recipe_or_base_model_is_not_loaded(tiny_preset, capsys, tiny_model):
     policy, _ = pipeline.get_sft_policy(tiny_preset)
-    monkeypatch.setitem(pipeline.RECIPES, "tiny", replace(TINY_RECIPE, sft=replace(TINY_RECIPE.sft, num_steps=4)))
+    changed = replace(tiny_preset, settings=replace(TINY_SETTINGS, sft=replace(TINY_SETTINGS.sft, num_steps=4)))
     capsys.readouterr()
-    longer, _ = pipeline.get_sft_policy(tiny_preset)
+    longer, _ = pipeline.get_sft_policy(changed)
     assert "training it" in capsys.readouterr().out and not same_weights(policy, longer)
     with torch.no_grad():
         tiny_model.transformer.wte.weight.add_(0.01)
@@ -78,11 +81,11 @@ def test_preference_pairs_are_made_once_and_equal_the_recipe(tiny_preset, capsys
     assert capsys.readouterr().out == ""
     assert again["train"].to_dict() == pairs["train"].to_dict() and again["test"].to_dict() == pairs["test"].to_dict()
     policy, tokenizer = pipeline.get_sft_policy(tiny_preset)
-    by_hand, _ = make_preference_pairs(policy, tokenizer, tiny_preset, TINY_RECIPE.pairs)
+    by_hand, _ = make_preference_pairs(policy, tokenizer, tiny_preset, TINY_SETTINGS.pairs)
     assert by_hand["train"].to_dict() == pairs["train"].to_dict()
     with torch.no_grad():  # another SFT policy is saved (say, notebook 05 re-run elsewhere): pairs are remade
         policy.transformer.wte.weight.add_(0.01)
-    pipeline.save_sft_policy(policy, tokenizer, tiny_preset, {"loss": []})
+    pipeline.save_sft_policy(policy, tokenizer, tiny_preset, {"train/loss": []})
     capsys.readouterr()
     pipeline.get_preference_pairs(tiny_preset)
     assert "no cached preference pairs" in capsys.readouterr().out
@@ -99,4 +102,5 @@ def test_reward_model_is_trained_once_and_equals_the_recipe(tiny_preset, capsys)
     pairs = pipeline.get_preference_pairs(tiny_preset)["test"]
     torch.testing.assert_close(score_texts(reward_model, tokenizer, pairs["prompt"], pairs["chosen"]),
                                score_texts(by_hand, tokenizer, pairs["prompt"], pairs["chosen"]))
-    assert pipeline.load_history(tiny_preset, "reward")["loss"] == history["loss"]
+    assert len(history["train/loss"]) == TINY_SETTINGS.reward.num_steps, "the preset's settings were used"
+    assert pipeline.load_history(tiny_preset, "reward")["train/loss"] == history["train/loss"]

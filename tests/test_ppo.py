@@ -6,10 +6,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dpo_teach import checks_ppo, ppo
+from dpo_teach import checks, ppo
 from dpo_teach.logps import encode_prompt
 from dpo_teach.models import frozen_copy
-from dpo_teach.sampling import Generation, left_pad
+from dpo_teach.sampling import Generation
+from dpo_teach.settings import PPOConfig
+from dpo_teach.utils import left_pad, position_ids_from_mask
 from dpo_teach.world import load_prompts
 
 # ---- GAE ------------------------------------------------------------------------------------------
@@ -233,7 +235,7 @@ def test_value_head_model_gives_the_lm_logits_and_starts_at_zero(tokenizer, tiny
     model = ppo.PolicyWithValueHead(tiny_model)
     ids = torch.tensor([[0, 40, 41, 42]])
     mask = torch.ones_like(ids)
-    logits, values = model(ids, mask, ppo.position_ids_from_mask(mask))
+    logits, values = model(ids, mask, position_ids_from_mask(mask))
     torch.testing.assert_close(logits, tiny_model(input_ids=ids).logits)
     assert values.shape == (1, 4) and (values == 0).all()
 
@@ -270,7 +272,7 @@ def stand_in_reward(generation):
     return low.float().sum(1) / generation.response_mask.sum(1)
 
 
-CONFIG = ppo.PPOConfig(num_steps=4, batch_size=8, num_epochs=2, num_minibatches=2, lr=1e-3, max_new_tokens=8,
+CONFIG = PPOConfig(num_steps=4, batch_size=8, num_epochs=2, num_minibatches=2, lr=1e-3, max_new_tokens=8,
                        eval_every=2, seed=0)
 
 
@@ -348,7 +350,7 @@ def test_large_kl_coef_keeps_the_policy_near_the_reference(tokenizer, tiny_model
         policy = copy.deepcopy(tiny_model)
         history = ppo.train_ppo(policy, frozen_copy(tiny_model), low_id_reward, tokenizer, prompts,
                                 replace(config, kl_coef=kl_coef), progress=False)
-        kls[kl_coef], scores[kl_coef] = exact_token_kl(policy, tiny_model, fixed), history["score"]
+        kls[kl_coef], scores[kl_coef] = exact_token_kl(policy, tiny_model, fixed), history["train/score"]
     assert sum(scores[0.0][-3:]) > sum(scores[0.0][:3]), "without a KL penalty the stand-in reward is learnt"
     assert kls[0.0] > 0.2, kls
     assert kls[5.0] < 0.3 * kls[0.0], kls
@@ -370,14 +372,26 @@ def test_train_ppo_is_deterministic_and_records_history(tokenizer, tiny_model, p
                                 eval_fn=eval_fn if use_eval else None, progress=False)
         runs.append((history, [p.detach().clone() for p in model.parameters()]))
     (h1, p1), (h2, p2), (h3, p3) = runs
-    for key in ("score", "kl", "policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl",
-                "tokens_generated"):
+    for key in ("train/score", "train/oracle_reward", "train/kl", "train/kl_coef", "train/response_length",
+                "train/policy_loss", "train/value_loss", "train/entropy", "train/clip_fraction", "train/approx_kl",
+                "generated_tokens", "tokens"):
         assert len(h1[key]) == CONFIG.num_steps and h1[key] == h2[key] == h3[key], key
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(p1, p2, p3, strict=True))
-    assert h1["eval_step"] == [2, 4] and h1["eval_oracle_reward"] == [0.5, 0.5] and "eval_texts" not in h1
-    assert "eval_step" not in h3
-    assert h1["wall_seconds"][-1] > 0 and h1["num_models"][0] == 2 and h1["peak_memory_mb"][-1] > 0
-    assert h1["forward_sequences"][-1] == CONFIG.num_steps * CONFIG.batch_size * (2 + CONFIG.num_epochs)
+    assert h1["eval/step"] == [0, 2, 4] and h1["eval/oracle_reward"] == [0.5] * 3 and "eval/texts" not in h1
+    assert len(evaluations) == 6, "eval_fn runs before training, after every eval_every rollout batches and after the last"
+    assert "eval/step" not in h3 and not any(key.startswith("eval/") for key in h3)
+    assert h1["step"] == list(range(CONFIG.num_steps)) and h1["lr"] == [CONFIG.lr] * CONFIG.num_steps
+    assert h1["seconds"][-1] > 0 and all(a <= b for a, b in zip(h1["seconds"], h1["seconds"][1:]))
+    batches = torch.arange(1, CONFIG.num_steps + 1)
+    assert h1["sequences"] == (batches * CONFIG.batch_size * CONFIG.num_epochs).tolist()
+    assert h1["generated_sequences"] == (batches * CONFIG.batch_size).tolist()
+    assert h1["inference_sequences"] == (batches * CONFIG.batch_size * 2).tolist(), "policy and reference"
+    assert 0 < h1["generated_tokens"][0] <= CONFIG.batch_size * CONFIG.max_new_tokens
+    assert h1["tokens"][0] > CONFIG.num_epochs * h1["generated_tokens"][0], "prompts and responses, every epoch"
+    assert h1["train/kl_coef"] == [CONFIG.kl_coef] * CONFIG.num_steps
+    for gone in ("wall_seconds", "num_models", "forward_sequences", "backward_sequences", "tokens_generated",
+                 "peak_memory_mb"):
+        assert gone not in h1, gone
 
 
 def test_train_ppo_with_a_reward_model_module(tokenizer, tiny_model, prompts):
@@ -394,16 +408,17 @@ def test_train_ppo_with_a_reward_model_module(tokenizer, tiny_model, prompts):
     config = replace(CONFIG, num_steps=2, eval_every=0)
     history = ppo.train_ppo(tiny_model, frozen_copy(tiny_model), reward_model, tokenizer, prompts, config,
                             progress=False)
-    assert history["num_models"][0] == 3 and reward_model.dropout.p == 0.0
+    assert history["inference_sequences"] == [3 * config.batch_size, 6 * config.batch_size], "and the reward model"
+    assert reward_model.dropout.p == 0.0
 
 
 # ---- The exercise checks -------------------------------------------------------------------------
 
 
 def test_checks_accept_the_reference_functions():
-    checks_ppo.check_gae(ppo.gae)
-    checks_ppo.check_clipped_policy_loss(lambda *args: ppo.policy_loss(*args)[0])
-    checks_ppo.check_kl_penalty_rewards(ppo.kl_penalty_rewards)
+    checks.check_gae(ppo.gae)
+    checks.check_clipped_policy_loss(lambda *args: ppo.policy_loss(*args)[0])
+    checks.check_kl_penalty_rewards(ppo.kl_penalty_rewards)
 
 
 def test_checks_name_typical_mistakes():
@@ -417,13 +432,13 @@ def test_checks_name_typical_mistakes():
         return advantages * mask, (advantages + values) * mask
 
     with pytest.raises(AssertionError, match="after the end"):
-        checks_ppo.check_gae(gae_without_mask)
+        checks.check_gae(gae_without_mask)
 
     def unclipped(logps, old_logps, advantages, mask, clip_range):
         return -ppo.masked_mean(torch.exp(logps - old_logps) * advantages, mask)
 
     with pytest.raises(AssertionError, match="clip"):
-        checks_ppo.check_clipped_policy_loss(unclipped)
+        checks.check_clipped_policy_loss(unclipped)
 
     def score_one_too_far(scores, logps, ref_logps, mask, kl_coef):
         rewards = -kl_coef * (logps - ref_logps) * mask
@@ -432,4 +447,4 @@ def test_checks_name_typical_mistakes():
         return rewards
 
     with pytest.raises(AssertionError, match="one position"):
-        checks_ppo.check_kl_penalty_rewards(score_one_too_far)
+        checks.check_kl_penalty_rewards(score_one_too_far)

@@ -8,15 +8,16 @@ import torch
 
 from dpo_teach.logps import build_batch
 from dpo_teach.reward import (
-    RewardConfig,
     RewardModel,
     bradley_terry_loss,
     last_token_index,
+    pair_batch,
     pair_rewards,
     pairwise_accuracy,
     score_texts,
     train_reward_model,
 )
+from dpo_teach.settings import RewardConfig
 
 PAIRS = [
     {"prompt": "I watched", "chosen": " a great film.", "rejected": " a terrible film."},
@@ -102,15 +103,31 @@ def test_pairwise_accuracy_counts_chosen_above_rejected(reward_model, tokenizer)
     assert pairwise_accuracy(reward_model, tokenizer, swapped) == pytest.approx(1 - expected)
 
 
+def test_pair_batch_puts_the_chosen_then_the_rejected(reward_model, tokenizer):
+    batch = pair_batch(tokenizer, PAIRS)
+    assert batch["input_ids"].shape[0] == 2 * len(PAIRS)
+    chosen = build_batch([{"prompt": p["prompt"], "completion": p["chosen"]} for p in PAIRS], tokenizer)
+    rejected = build_batch([{"prompt": p["prompt"], "completion": p["rejected"]} for p in PAIRS], tokenizer)
+    for half, expected in ((batch["attention_mask"][:len(PAIRS)], chosen), (batch["attention_mask"][len(PAIRS):], rejected)):
+        torch.testing.assert_close(half.sum(-1), expected["attention_mask"].sum(-1))
+    with torch.no_grad():
+        from_batch = pair_rewards(reward_model, tokenizer, PAIRS, batch=batch)
+        built = pair_rewards(reward_model, tokenizer, PAIRS)
+    torch.testing.assert_close(from_batch, built)
+
+
 def test_training_fits_the_pairs(tiny_model, tokenizer):
     import datasets
 
     model = RewardModel.from_policy(tiny_model)
     config = RewardConfig(num_steps=40, batch_size=3, lr=3e-3, warmup_steps=2, eval_every=20)
     history = train_reward_model(model, tokenizer, datasets.Dataset.from_list(PAIRS), config, eval_pairs=PAIRS)
-    assert history["loss"][0] == pytest.approx(math.log(2), abs=1e-6)
-    assert sum(history["loss"][-5:]) / 5 < 0.2
-    assert history["eval_step"] == [0, 20, 40] and history["eval_accuracy"][-1] == 1.0
+    assert history["train/loss"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert sum(history["train/loss"][-5:]) / 5 < 0.2
+    assert history["eval/step"] == [0, 20, 40] and history["eval/accuracy"][-1] == 1.0
+    assert history["step"] == list(range(40)) and history["sequences"][-1] == 40 * 2 * len(PAIRS)
+    assert history["train/accuracy"][0] == 0.5 and history["train/margin"][0] == 0.0  # a zero head: all tie
+    assert history["train/accuracy"][-1] == 1.0 and history["train/margin"][-1] > 0
     assert not model.training
 
 

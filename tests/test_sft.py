@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from dpo_teach.logps import build_batch, model_sequence_logps, sequence_logps
-from dpo_teach.sft import SFTConfig, lr_at, perplexity, sft_loss, train_sft
+from dpo_teach.settings import SFTConfig
+from dpo_teach.sft import perplexity, sft_loss, token_perplexity, train_sft
+from dpo_teach.training import lr_at
 
 RECORDS = [
     {"prompt": "I watched", "completion": " The Silent Harbor last night. The plot is great."},
@@ -57,10 +59,10 @@ def test_prompt_tokens_do_not_change_the_loss_targets(tiny_model, tokenizer):
 def test_training_lowers_the_loss_and_changes_the_parameters(tiny_model, tokenizer):
     before = [p.detach().clone() for p in tiny_model.parameters()]
     history = train_sft(tiny_model, tokenizer, RECORDS, TINY, eval_records=RECORDS)
-    assert len(history["loss"]) == TINY.num_steps
-    assert sum(history["loss"][-5:]) / 5 < 0.7 * sum(history["loss"][:5]) / 5
-    assert history["eval_step"] == [0, 10, 20, 30]
-    assert history["eval_perplexity"][-1] < history["eval_perplexity"][0]
+    assert len(history["train/loss"]) == TINY.num_steps and history["step"] == list(range(TINY.num_steps))
+    assert sum(history["train/loss"][-5:]) / 5 < 0.7 * sum(history["train/loss"][:5]) / 5
+    assert history["eval/step"] == [0, 10, 20, 30]
+    assert history["eval/perplexity"][-1] < history["eval/perplexity"][0]
     assert all(not torch.equal(b, p) for b, p in zip(before, tiny_model.parameters()))
     assert not tiny_model.training, "train_sft returns the policy in eval mode"
 
@@ -71,7 +73,7 @@ def test_training_is_seeded(tokenizer, tiny_model):
     other = copy.deepcopy(tiny_model)
     first = train_sft(tiny_model, tokenizer, RECORDS * 3, SFTConfig(num_steps=4, batch_size=2))
     second = train_sft(other, tokenizer, RECORDS * 3, SFTConfig(num_steps=4, batch_size=2))
-    assert first["loss"] == second["loss"]
+    assert first["train/loss"] == second["train/loss"]
 
 
 def test_perplexity_weighs_every_token_the_same(tiny_model, tokenizer):
@@ -80,10 +82,13 @@ def test_perplexity_weighs_every_token_the_same(tiny_model, tokenizer):
         total = model_sequence_logps(tiny_model, batch).sum().item()
     expected = math.exp(-total / batch["loss_mask"].sum().item())
     assert perplexity(tiny_model, tokenizer, RECORDS, batch_size=2) == pytest.approx(expected, rel=1e-5)
+    batches = [build_batch(RECORDS[:2], tokenizer), build_batch(RECORDS[2:], tokenizer)]
+    assert token_perplexity(tiny_model, batches) == pytest.approx(expected, rel=1e-5)
 
 
 def test_learning_rate_schedule():
     config = SFTConfig(num_steps=100, warmup_steps=10, lr=1.0)
+    assert config.schedule == "cosine"
     assert lr_at(0, config) == pytest.approx(0.1)
     assert lr_at(9, config) == pytest.approx(1.0)
     assert lr_at(10, config) == pytest.approx(1.0)

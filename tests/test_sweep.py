@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dpo_teach import sweep as sweep_module
-from dpo_teach.frontier import SWEEPS, Point, Run, SweepConfig, run_to_dict
+from dpo_teach.frontier import Point, Run, run_to_dict
+from dpo_teach.settings import SETTINGS, SweepConfig
 from dpo_teach.sweep import jobs, load_results, run_job, run_sweep
 
 SMALL = SweepConfig(dpo_betas=(0.05, 0.1, 1.0), ppo_kl_coefs=(0.05, 0.1), ppo_target_kls=(4.0,),
@@ -36,7 +37,7 @@ def key(method: str, kwargs: dict) -> tuple:
 
 @pytest.mark.parametrize("name", ["small", "tiny", "gpt2", "no ppo"])
 def test_jobs_list_every_run_once_with_unique_file_names(name):
-    sweep = {"small": SMALL, "tiny": SWEEPS["tiny"], "gpt2": SWEEPS["gpt2"],
+    sweep = {"small": SMALL, "tiny": SETTINGS["tiny"].sweep, "gpt2": SETTINGS["gpt2"].sweep,
              "no ppo": replace(SMALL, ppo_kl_coefs=(), ppo_target_kls=(), ppo_gt_kl_coefs=())}[name]
     listed = jobs(sweep)
     names = [n for n, _, _ in listed]

@@ -23,10 +23,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from test_dpo_train import PAIRS, CountingModel  # the same pairs and call counter
+from test_dpo_train import PAIRS, counting  # the same pairs and call counter
 
-from dpo_teach.dpo import DPOConfig, dpo_loss, precompute_ref_logps, probe_logps, train_dpo
+from dpo_teach.dpo import dpo_loss, precompute_ref_logps, probe_logps, train_dpo
 from dpo_teach.models import frozen_copy
+from dpo_teach.settings import DPOConfig
 from dpo_teach.variants import (
     VARIANTS,
     ProbeRecorder,
@@ -251,6 +252,7 @@ def test_bad_inputs_raise(call, message):
     (dict(loss_type="simpo"), "average_logps=True"),
     (dict(loss_type="orpo"), "average_logps=True"),
     (dict(loss_type="cdpo"), "label_smoothing > 0"),
+    (dict(loss_type="kto", schedule="linear"), "unknown schedule"),
 ])
 def test_bad_configs_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -385,6 +387,10 @@ class RaisingModel(torch.nn.Module):
     def forward(self, **kwargs):
         raise AssertionError("the reference model was called")
 
+    @property
+    def base_model(self):  # what model_sequence_logps runs
+        raise AssertionError("the reference model was called")
+
 
 FAST = dict(num_steps=12, batch_size=4, lr=2e-3, warmup_steps=2, eval_every=6)
 
@@ -395,14 +401,16 @@ def test_every_variant_learns_the_pairs(loss_type, tiny_model, tokenizer):
     config = variant_config(loss_type, **FAST)
     history = train_variant(policy, tokenizer, PAIRS, config, ref_model=frozen_copy(tiny_model),
                             eval_pairs=PAIRS[:4], progress=False)
-    assert history["eval_step"] == [0, 6, 12]
+    assert history["eval/step"] == [0, 6, 12]
     assert history["eval/loss"][-1] < history["eval/loss"][0], loss_type
     assert history["eval/rewards/margins"][-1] > history["eval/rewards/margins"][0], loss_type
-    assert len(history["loss"]) == 12 and all(math.isfinite(x) for x in history["loss"])
-    names = {"step", "seconds", "sequences", "tokens", "loss", "rewards/chosen", "rewards/rejected",
-             "rewards/margins", "logps/chosen", "logps/rejected"}
-    assert names <= set(history) and {f"eval/{n}" for n in names - {"step", "seconds", "sequences", "tokens"}} <= set(history)
-    assert history["sequences"][-1] == 12 * 2 * 4 * (2 if loss_type == "kto" else 1)  # KTO also reads mismatched rows
+    assert len(history["train/loss"]) == 12 and all(math.isfinite(x) for x in history["train/loss"])
+    assert history["step"] == list(range(12)) and len(history["lr"]) == 12
+    metrics = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"}
+    assert {"step", "lr", "seconds", "sequences", "tokens"} <= set(history)
+    assert {f"train/{n}" for n in metrics} <= set(history) and {f"eval/{n}" for n in metrics} <= set(history)
+    # with a gradient: 2 x 4 sequences a step (KTO's mismatched rows are read without one, not counted)
+    assert history["sequences"][-1] == 12 * 2 * 4
 
 
 @pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
@@ -417,7 +425,7 @@ def test_kto_runs_the_reference_before_training_only(tiny_model, tokenizer):
     ref_logps = precompute_ref_logps(tiny_model, tokenizer, PAIRS)
     calls = []
     for num_steps in (2, 12):
-        ref_model = CountingModel(frozen_copy(tiny_model))
+        ref_model = counting(frozen_copy(tiny_model))
         config = variant_config("kto", **{**FAST, "num_steps": num_steps})
         train_variant(copy.deepcopy(tiny_model), tokenizer, PAIRS, config, ref_model=ref_model, ref_logps=ref_logps,
                       progress=False)
@@ -442,7 +450,7 @@ def test_dpo_family_is_train_dpo(loss_type, tiny_model, tokenizer):
     fields = {name: getattr(config, name) for name in DPOConfig.__dataclass_fields__}
     plain = DPOConfig(**{**fields, "loss_type": "sigmoid" if loss_type == "cdpo" else loss_type})
     theirs = train_dpo(copy.deepcopy(tiny_model), tokenizer, PAIRS, plain, ref_model=ref, progress=False)
-    assert ours["loss"] == theirs["loss"]
+    assert ours["train/loss"] == theirs["train/loss"]
 
 
 def test_train_variant_wants_a_variant_config(tiny_model, tokenizer):
@@ -453,7 +461,7 @@ def test_train_variant_wants_a_variant_config(tiny_model, tokenizer):
 def test_variant_training_is_deterministic(tiny_model, tokenizer):
     config = variant_config("kto", **{**FAST, "num_steps": 4})
     runs = [train_variant(copy.deepcopy(tiny_model), tokenizer, PAIRS, config, ref_model=frozen_copy(tiny_model),
-                          progress=False)["loss"] for _ in range(2)]
+                          progress=False)["train/loss"] for _ in range(2)]
     assert runs[0] == runs[1]
 
 
@@ -479,15 +487,15 @@ def test_probes_are_recorded_and_change_nothing(tiny_model, tokenizer):
     policy = copy.deepcopy(tiny_model)
     with_probes = train_dpo(policy, tokenizer, PAIRS, config, ref_model=ref, probes=probes, progress=False)
     without = train_dpo(copy.deepcopy(tiny_model), tokenizer, PAIRS, config, ref_model=ref, progress=False)
-    assert with_probes["loss"] == without["loss"]
-    assert with_probes["eval_step"] == [0, 3, 6]
+    assert with_probes["train/loss"] == without["train/loss"]
+    assert with_probes["eval/step"] == [0, 3, 6]
     for name, records in probes.items():
-        values = with_probes[f"probe/{name}"]
+        values = with_probes[f"eval/probe/{name}"]
         assert len(values) == 3
         assert values[0] == pytest.approx(probe_logps(tiny_model, tokenizer, records).mean().item(), abs=1e-5)
         assert values[-1] == pytest.approx(probe_logps(policy, tokenizer, records).mean().item(), abs=1e-5)
-    assert with_probes["probe/train_chosen"][-1] - with_probes["probe/train_rejected"][-1] > (
-        with_probes["probe/train_chosen"][0] - with_probes["probe/train_rejected"][0])
+    assert with_probes["eval/probe/train_chosen"][-1] - with_probes["eval/probe/train_rejected"][-1] > (
+        with_probes["eval/probe/train_chosen"][0] - with_probes["eval/probe/train_rejected"][0])
 
 
 def test_probe_recorder_keeps_every_record_and_the_current_greedy_response(tiny_model, tokenizer):
@@ -502,8 +510,8 @@ def test_probe_recorder_keeps_every_record_and_the_current_greedy_response(tiny_
     policy = copy.deepcopy(tiny_model)
     history = train_dpo(policy, tokenizer, PAIRS, config, ref_model=ref, eval_fn=recorder, progress=False)
     without = train_dpo(copy.deepcopy(tiny_model), tokenizer, PAIRS, config, ref_model=ref, progress=False)
-    assert history["loss"] == without["loss"]  # recording changes nothing in training
-    assert history["eval_step"] == [0, 3, 6]
+    assert history["train/loss"] == without["train/loss"]  # recording changes nothing in training
+    assert history["eval/step"] == [0, 3, 6]
     for name, records in probes.items():  # every record, at every point; the means go to the history
         assert recorder[name].shape == (3, 4)
         torch.testing.assert_close(recorder[name][0], probe_logps(tiny_model, tokenizer, records))
@@ -531,9 +539,9 @@ def test_variants_record_probes_and_eval_fn(loss_type, tiny_model, tokenizer):
     policy = copy.deepcopy(tiny_model)
     history = train_variant(policy, tokenizer, PAIRS, config, ref_model=frozen_copy(tiny_model), probes=probes,
                             eval_fn=lambda p: {"answer": 42.0, "texts": ["ignored"]}, progress=False)
-    assert history["eval_step"] == [0, 6, 12] and history["eval/answer"] == [42.0] * 3
+    assert history["eval/step"] == [0, 6, 12] and history["eval/answer"] == [42.0] * 3
     assert "eval/texts" not in history
-    assert history["probe/chosen"][-1] == pytest.approx(probe_logps(policy, tokenizer, probes["chosen"]).mean().item(),
+    assert history["eval/probe/chosen"][-1] == pytest.approx(probe_logps(policy, tokenizer, probes["chosen"]).mean().item(),
                                                          abs=1e-5)
 
 
