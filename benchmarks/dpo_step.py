@@ -11,6 +11,8 @@ On the same GPT-2-shaped model and the same batch of preference pairs, it times
       that supports it: bfloat16 autocast, gradient checkpointing), reference log-probs
       precomputed there too (precompute_ref_log_probs=True);
   (c') the same with bf16=False and gradient_checkpointing=False: float32 arithmetic, as ours;
+  (a16) our DPO step under bfloat16 autocast, TRL's default arithmetic (not the course's CPU default;
+      the log-probs are still taken in float32);
 and prints the medians over repeated steps after warm-up and the ratios; with --runs 3 the whole
 measurement is repeated and the median of each ratio over the runs is printed last.
 
@@ -88,12 +90,13 @@ def time_steps(step, device: str, warmup: int, repeats: int) -> list[float]:
 
 
 def our_steps(model, tokenizer, pairs, device, warmup, repeats):
-    """(a) our DPO step and (b) the SFT step on the same tokens, interleaved in one loop."""
+    """(a) our DPO step, (b) the SFT step on the same tokens and (a16) our DPO step under bfloat16
+    autocast, interleaved in one loop."""
     config = DPOConfig(beta=0.1, lr=1e-6)
     ref_chosen, ref_rejected = precompute_ref_logps(model, tokenizer, pairs)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in concatenated_batch(pairs, tokenizer).items()}
-    dpo_model, sft_model = copy.deepcopy(model).train(), copy.deepcopy(model).train()
-    dpo_opt, sft_opt = make_optimizer(dpo_model, config), make_optimizer(sft_model, config)
+    dpo_model, sft_model, bf16_model = (copy.deepcopy(model).train() for _ in range(3))
+    dpo_opt, sft_opt, bf16_opt = (make_optimizer(m, config) for m in (dpo_model, sft_model, bf16_model))
 
     def dpo_step():
         loss, _ = dpo_batch_loss(dpo_model, batch, ref_chosen, ref_rejected, config)
@@ -104,12 +107,18 @@ def our_steps(model, tokenizer, pairs, device, warmup, repeats):
         loss = -logps.sum() / batch["loss_mask"][:, 1:].sum()  # mean token NLL over the same tokens
         gradient_step(sft_model, sft_opt, loss, config.max_grad_norm)
 
-    dpo_times, sft_times = [], []
-    for _ in range(3):  # interleave rounds so that machine noise hits both alike
+    def bf16_step():
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16):
+            loss, _ = dpo_batch_loss(bf16_model, batch, ref_chosen, ref_rejected, config)
+        gradient_step(bf16_model, bf16_opt, loss, config.max_grad_norm)
+
+    dpo_times, sft_times, bf16_times = [], [], []
+    for _ in range(3):  # interleave rounds so that machine noise hits all alike
         dpo_times += time_steps(dpo_step, device, warmup, repeats // 3)
         sft_times += time_steps(sft_step, device, warmup, repeats // 3)
+        bf16_times += time_steps(bf16_step, device, warmup, repeats // 3)
     tokens = int(batch["attention_mask"].sum())
-    return dpo_times, sft_times, tokens
+    return dpo_times, sft_times, bf16_times, tokens
 
 
 class StepTimer(TrainerCallback):
@@ -150,8 +159,9 @@ def trl_steps(model, tokenizer, pairs, device, warmup, repeats, **settings):
 
 def measure(args, model, tokenizer, pairs, device) -> dict[str, float]:
     """One side-by-side measurement: medians of (a), (b), (c), (c') in seconds, and tokens per batch."""
-    dpo_times, sft_times, tokens = our_steps(model, tokenizer, pairs, device, args.warmup, args.repeats)
-    result = {"a": statistics.median(dpo_times), "b": statistics.median(sft_times), "tokens": tokens}
+    dpo_times, sft_times, bf16_times, tokens = our_steps(model, tokenizer, pairs, device, args.warmup, args.repeats)
+    result = {"a": statistics.median(dpo_times), "b": statistics.median(sft_times),
+              "a16": statistics.median(bf16_times), "tokens": tokens}
     if not args.skip_trl:
         result["c"] = statistics.median(trl_steps(model, tokenizer, pairs, device, args.warmup, args.repeats))
         result["c'"] = statistics.median(trl_steps(model, tokenizer, pairs, device, args.warmup, args.repeats,
@@ -185,13 +195,13 @@ def main() -> None:
         print(f"run {run + 1}: batch {args.batch_size} pairs = {2 * args.batch_size} sequences, {r['tokens']} tokens; "
               f"medians over {args.repeats // 3 * 3} steps after {args.warmup} warm-up steps")
         names = {"a": "(a) our DPO step", "b": "(b) SFT step, same tokens", "c": "(c) TRL DPOTrainer, defaults",
-                 "c'": "(c') TRL, float32, no checkpointing"}
+                 "c'": "(c') TRL, float32, no checkpointing", "a16": "(a16) our DPO step, bf16 autocast"}
         for key, name in names.items():
             if key in r:
                 print(f"  {name:<38} {r[key] * 1000:8.1f} ms   {r['tokens'] / r[key]:10.0f} tokens/s")
         ratio = {"a/b": r["a"] / r["b"]}
         if "c" in r:
-            ratio.update({"a/c": r["a"] / r["c"], "a/c'": r["a"] / r["c'"]})
+            ratio.update({"a/c": r["a"] / r["c"], "a/c'": r["a"] / r["c'"], "a16/c": r["a16"] / r["c"]})
         print("  " + "   ".join(f"{k} = {v:.3f}" for k, v in ratio.items()))
         ratios.append(ratio)
     if args.runs > 1:

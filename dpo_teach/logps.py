@@ -142,7 +142,7 @@ def model_sequence_logps(model, batch: dict, average: bool = False) -> torch.Ten
     hidden = model.base_model(input_ids=input_ids,
                               attention_mask=batch["attention_mask"].to(device)).last_hidden_state  # (B, T, H)
     predicts = batch["loss_mask"][:, 1:].to(device).bool()  # (B, T-1): position t-1 predicts response token t
-    logits = model.get_output_embeddings()(hidden[:, :-1][predicts])  # (N, V): N response tokens in the batch
+    logits = model.get_output_embeddings()(hidden[:, :-1][predicts]).float()  # (N, V), float32 even under autocast
     labels = batch["labels"][:, 1:].to(device)[predicts]  # (N,)
     token_logps = logits.gather(1, labels.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=-1)  # (N,)
     summed = token_logps.new_zeros(predicts.shape).masked_scatter(predicts, token_logps).sum(dim=-1)  # (B,)

@@ -26,6 +26,21 @@ def test_matches_transformers_causal_lm_loss(tiny_model, tokenizer):
             torch.testing.assert_close(logps[i], -out.loss * num_tokens, atol=1e-5, rtol=1e-5)
 
 
+def test_equals_the_full_log_softmax_and_is_float32_under_autocast(base_model, tokenizer):
+    """Only response positions reach the LM head, and no log-softmax tensor is built; the numbers are
+    those of the full computation. Under bfloat16 autocast the log-probs still come out in float32,
+    within 0.25 nats of the float32 ones (sums over a few dozen tokens; bfloat16 keeps 8 bits)."""
+    batch = build_batch(RECORDS * 4, tokenizer)
+    with torch.no_grad():
+        logits = base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        full = sequence_logps(logits, batch["labels"], batch["loss_mask"])
+        fast = model_sequence_logps(base_model, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model_sequence_logps(base_model, batch)
+    torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-5)
+    assert low.dtype == torch.float32 and (low - full).abs().max() < 0.25
+
+
 def test_average_is_the_mean_over_response_tokens(tiny_model, tokenizer):
     batch = build_batch(RECORDS, tokenizer)
     with torch.no_grad():
