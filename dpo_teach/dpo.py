@@ -17,7 +17,7 @@ from dpo_teach.training import eval_fn_numbers, train
 from dpo_teach.utils import shuffled_batches
 
 __all__ = ["LOSS_TYPES", "DPOConfig", "as_records", "check_logps", "concatenated_batch", "dpo_batch_loss", "dpo_config",
-           "dpo_loss", "dpo_metrics", "eval_callbacks", "evaluate_pairs", "pair_logps",
+           "dpo_loss", "dpo_metrics", "eval_callbacks", "evaluate_pairs", "make_evaluate", "pair_logps",
            "precompute_ref_logps", "probe_logps", "train_dpo"]
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
@@ -244,6 +244,15 @@ def eval_callbacks(policy, tokenizer, probes: dict[str, list[dict]] | None, eval
     return results
 
 
+def make_evaluate(policy, tokenizer, held_out, probes: dict[str, list[dict]] | None, eval_fn, **lengths):
+    """The evaluate hook that DPO and its variants hand the training loop: held_out()'s metrics on the
+    held-out pairs (when there are some), then eval_callbacks (eval_fn's numbers, the probes). None
+    when there is nothing to measure."""
+    if held_out is None and not probes and eval_fn is None:
+        return None
+    return lambda: {**(held_out() if held_out else {}), **eval_callbacks(policy, tokenizer, probes, eval_fn, **lengths)}
+
+
 def train_dpo(policy, tokenizer, train_pairs, config: DPOConfig = DPOConfig(), ref_model=None,
               ref_logps: tuple[Tensor, Tensor] | None = None, eval_pairs=None,
               eval_ref_logps: tuple[Tensor, Tensor] | None = None, max_prompt_tokens: int | None = None,
@@ -281,14 +290,13 @@ def train_dpo(policy, tokenizer, train_pairs, config: DPOConfig = DPOConfig(), r
         loss, metrics = dpo_batch_loss(policy, batch, ref_logps[0][index], ref_logps[1][index], config)
         return loss, metrics, 2 * len(index), int(batch["attention_mask"].sum())
 
-    def evaluate() -> dict[str, float]:
-        held_out = {} if eval_pairs is None else evaluate_pairs(policy, tokenizer, eval_pairs, eval_ref_logps,
-                                                                config, **lengths)
-        return {**held_out, **eval_callbacks(policy, tokenizer, probes, eval_fn, **lengths)}
+    def held_out() -> dict[str, float]:
+        return evaluate_pairs(policy, tokenizer, eval_pairs, eval_ref_logps, config, **lengths)
 
-    has_eval = eval_pairs is not None or bool(probes) or eval_fn is not None
+    evaluate = make_evaluate(policy, tokenizer, held_out if eval_pairs is not None else None, probes, eval_fn,
+                             **lengths)
     return train(policy, batch_loss, shuffled_batches(len(records), config.batch_size, config.seed), config,
-                 evaluate if has_eval else None, optimizer=optimizer, first_step=first_step,
+                 evaluate, optimizer=optimizer, first_step=first_step,
                  desc=f"DPO beta={config.beta}", progress=progress)
 
 

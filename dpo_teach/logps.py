@@ -18,7 +18,8 @@ import torch
 
 from dpo_teach.utils import right_pad
 
-__all__ = ["build_batch", "check_text", "encode_prompt", "encode_response", "model_sequence_logps", "sequence_logps"]
+__all__ = ["build_batch", "check_text", "encode_prompt", "encode_response", "model_sequence_logps", "quiet_batch",
+           "sequence_logps"]
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
@@ -126,6 +127,15 @@ def build_batch(records: list[dict], tokenizer, response_key: str = "completion"
         "num_truncated_prompts": cut_prompts,
         "num_truncated_responses": cut_responses,
     }
+
+
+def quiet_batch(records: list[dict], tokenizer, response_key: str, max_prompt_tokens: int | None,
+                max_response_tokens: int | None, start: int = 0) -> dict:
+    """build_batch without its truncation warning (the caller counts truncations instead)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_batch(records, tokenizer, response_key=response_key, max_prompt_tokens=max_prompt_tokens,
+                           max_response_tokens=max_response_tokens, start=start)
 
 
 def model_sequence_logps(model, batch: dict, average: bool = False) -> torch.Tensor:

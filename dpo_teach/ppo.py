@@ -424,8 +424,9 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward: nn.Module | Rewar
     kl_coef, seconds, cursor = config.kl_coef, 0.0, 0
     costs = dict(sequences=0, tokens=0, generated_sequences=0, generated_tokens=0, inference_sequences=0)
     evaluating = eval_fn is not None and config.eval_every > 0
+    evaluate = lambda: eval_fn_numbers(policy, eval_fn)  # its numbers, in a forked random stream
     if evaluating:
-        record_eval(history, policy, lambda: eval_fn_numbers(policy, eval_fn), 0)
+        record_eval(history, policy, evaluate, 0)
     bar = tqdm(range(config.num_steps), desc="PPO", disable=not progress)
     for step in bar:
         start = time.perf_counter()
@@ -458,7 +459,7 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward: nn.Module | Rewar
         if config.target_kl is not None:
             kl_coef = update_kl_coef(kl_coef, metrics["kl"], config.target_kl, config.kl_horizon, config.batch_size)
         if evaluating and ((step + 1) % config.eval_every == 0 or step + 1 == config.num_steps):
-            record_eval(history, policy, lambda: eval_fn_numbers(policy, eval_fn), step + 1)
+            record_eval(history, policy, evaluate, step + 1)
         bar.set_postfix(score=f"{metrics['score']:+.2f}", oracle=f"{metrics['oracle_reward']:+.2f}",
                         kl=f"{metrics['kl']:.2f}")
     return history

@@ -39,10 +39,8 @@ class PretrainConfig(TrainConfig):
     num_steps: int = 1500
     batch_size: int = 16  # sequences per step, drawn at random from the packed blocks
     lr: float = 1e-3
-    warmup_steps: int = 100
-    schedule: str = "cosine"
+    warmup_steps: int = 100  # then TrainConfig's cosine decay to 10% of lr, AdamW betas (0.9, 0.95)
     weight_decay: float = 0.1
-    adam_betas: tuple[float, float] = (0.9, 0.95)
     eval_every: int = 0  # perplexities are measured once, at the end
     block_size: int = 128  # tokens per sequence (documents are packed, separated by EOS)
     review_fraction: float = 0.15  # share of reviews in the pretraining mix (the rest is generic)

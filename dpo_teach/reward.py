@@ -11,14 +11,13 @@ pairs by maximum likelihood under the Bradley-Terry model (docs/conventions.md, 
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2Model
 
-from dpo_teach.logps import build_batch, encode_prompt, encode_response
+from dpo_teach.logps import encode_prompt, encode_response, quiet_batch
 from dpo_teach.models import disable_dropout
 from dpo_teach.settings import RewardConfig
 from dpo_teach.training import train
@@ -79,10 +78,7 @@ def pair_batch(tokenizer, pairs: list[dict], config: RewardConfig = RewardConfig
     """The chosen responses of `pairs`, then the rejected ones, in one right-padded batch (2B rows)."""
     records = [{"prompt": p["prompt"], "response": p["chosen"]} for p in pairs]
     records += [{"prompt": p["prompt"], "response": p["rejected"]} for p in pairs]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return build_batch(records, tokenizer, response_key="response", max_prompt_tokens=config.max_prompt_tokens,
-                           max_response_tokens=config.max_response_tokens)
+    return quiet_batch(records, tokenizer, "response", config.max_prompt_tokens, config.max_response_tokens)
 
 
 def pair_rewards(reward_model: RewardModel, tokenizer, pairs: list[dict], config: RewardConfig = RewardConfig(),

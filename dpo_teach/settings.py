@@ -47,9 +47,7 @@ class SFTConfig(TrainConfig):
     num_steps: int = 200
     batch_size: int = 32  # records per step
     lr: float = 5e-4
-    warmup_steps: int = 20
-    schedule: str = "cosine"  # warm-up, then cosine decay to 10% of lr
-    adam_betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 20  # then TrainConfig's cosine decay to 10% of lr, AdamW betas (0.9, 0.95)
     eval_every: int = 50  # held-out perplexity every this many steps (when eval records are given)
     max_prompt_tokens: int = PROMPT_TOKENS
     max_response_tokens: int = SFT_RESPONSE_TOKENS  # completions are cut from the right to this many tokens
@@ -77,9 +75,7 @@ class RewardConfig(TrainConfig):
     num_steps: int = 150
     batch_size: int = 32  # preference pairs per step
     lr: float = 5e-4
-    warmup_steps: int = 20
-    schedule: str = "cosine"
-    adam_betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 20  # then TrainConfig's cosine decay to 10% of lr, AdamW betas (0.9, 0.95)
     eval_every: int = 50  # held-out accuracy every this many steps (when eval pairs are given)
     max_prompt_tokens: int = PROMPT_TOKENS
     max_response_tokens: int = RESPONSE_TOKENS

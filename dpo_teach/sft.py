@@ -13,17 +13,16 @@ of a review after the start token. The loop itself is dpo_teach.training.train.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable
 
 import torch
 
-from dpo_teach.logps import build_batch, check_text, model_sequence_logps, sequence_logps
+from dpo_teach.logps import check_text, model_sequence_logps, quiet_batch, sequence_logps
 from dpo_teach.settings import SFTConfig
 from dpo_teach.training import train
 from dpo_teach.utils import shuffled_batches
 
-__all__ = ["SFTConfig", "perplexity", "quiet_batch", "sft_loss", "token_perplexity", "train_sft"]
+__all__ = ["SFTConfig", "perplexity", "sft_loss", "token_perplexity", "train_sft"]
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -33,15 +32,6 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
     averaged over its own tokens, so short and long responses weigh the same in the batch mean.
     """
     return -sequence_logps(logits, labels, loss_mask, average=True)
-
-
-def quiet_batch(records: list[dict], tokenizer, response_key: str, max_prompt_tokens: int | None,
-                max_response_tokens: int | None, start: int = 0) -> dict:
-    """build_batch without its truncation warning (the caller counts truncations instead)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return build_batch(records, tokenizer, response_key=response_key, max_prompt_tokens=max_prompt_tokens,
-                           max_response_tokens=max_response_tokens, start=start)
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from dpo_teach.dpo import (
     concatenated_batch,
     dpo_loss,
     dpo_metrics,
-    eval_callbacks,
+    make_evaluate,
     pair_logps,
     precompute_ref_logps,
     probe_logps,
@@ -424,13 +424,10 @@ def _train_reference_free(policy, tokenizer, records, config, eval_pairs, probes
         losses, chosen_rewards, rejected_rewards, extra = _reference_free_losses(chosen_logps, rejected_logps, config)
         return {**dpo_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps), **extra}
 
-    def evaluate() -> dict[str, float]:
-        results = held_out() if eval_pairs is not None else {}
-        return {**results, **eval_callbacks(policy, tokenizer, probes, eval_fn, **lengths)}
-
-    has_eval = eval_pairs is not None or bool(probes) or eval_fn is not None
+    evaluate = make_evaluate(policy, tokenizer, held_out if eval_pairs is not None else None, probes, eval_fn,
+                             **lengths)
     return train(policy, batch_loss, shuffled_batches(len(records), config.batch_size, config.seed), config,
-                 evaluate if has_eval else None, desc=f"{config.loss_type} beta={config.beta}", progress=progress)
+                 evaluate, desc=f"{config.loss_type} beta={config.beta}", progress=progress)
 
 
 def _train_kto(policy, tokenizer, records, config, ref_model, ref_logps, eval_ref_logps, eval_pairs, probes,
@@ -460,12 +457,8 @@ def _train_kto(policy, tokenizer, records, config, ref_model, ref_logps, eval_re
 
     # The fixed batches in a seeded order, a new order every pass over them.
     order = (first for first, in shuffled_batches(len(batches), 1, config.seed))
-    def evaluate() -> dict[str, float]:
-        return {**(held_out() if held_out else {}), **eval_callbacks(policy, tokenizer, probes, eval_fn, **lengths)}
-
-    has_eval = held_out is not None or bool(probes) or eval_fn is not None
-    return train(policy, batch_loss, order, config, evaluate if has_eval else None, desc=f"kto beta={config.beta}",
-                 progress=progress)
+    evaluate = make_evaluate(policy, tokenizer, held_out, probes, eval_fn, **lengths)
+    return train(policy, batch_loss, order, config, evaluate, desc=f"kto beta={config.beta}", progress=progress)
 
 
 def _kto_evaluator(policy, ref_model, tokenizer, records, ref_logps, config, **lengths):

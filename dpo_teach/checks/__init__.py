@@ -10,61 +10,38 @@ What lives where:
   model, 07 PPO, 08 DPO on a language model, 09 the frontier, 10 beyond DPO).
 
 Every check is re-exported here, so a notebook writes `from dpo_teach import checks` and calls
-`checks.check_something(function)`.
+`checks.check_something(function)`. A check's module is imported when the check is first used, so
+the checks of notebooks 00-03 do not load what those of 04-10 need (transformers, the models).
 """
 
-from dpo_teach.checks.engine import Case, Extreme, Inputs, Mistake, compare_with_reference
-from dpo_teach.checks.nb00 import check_preferred
-from dpo_teach.checks.nb01 import check_bt_nll, check_bt_probability
-from dpo_teach.checks.nb02 import check_kl_divergence, check_optimal_policy, check_rlhf_objective
-from dpo_teach.checks.nb03 import check_dpo_loss, check_implicit_reward
-from dpo_teach.checks.nb04 import check_loss_mask, check_top_k
-from dpo_teach.checks.nb05 import check_perplexity, check_sft_loss
-from dpo_teach.checks.nb06 import check_last_token_index, check_spearman
-from dpo_teach.checks.nb07 import check_clipped_policy_loss, check_gae, check_kl_penalty_rewards
-from dpo_teach.checks.nb08 import check_concatenated_logps, check_reward_accuracy
-from dpo_teach.checks.nb09 import check_best_of_n_rewards, check_on_frontier
-from dpo_teach.checks.nb10 import check_ipo_loss, check_log_odds
+import importlib
 
-__all__ = [
-    # the engine, for a new check
-    "Case",
-    "Extreme",
-    "Inputs",
-    "Mistake",
-    "compare_with_reference",
-    # notebook 00
-    "check_preferred",
-    # notebook 01
-    "check_bt_nll",
-    "check_bt_probability",
-    # notebook 02
-    "check_kl_divergence",
-    "check_optimal_policy",
-    "check_rlhf_objective",
-    # notebook 03
-    "check_dpo_loss",
-    "check_implicit_reward",
-    # notebook 04
-    "check_loss_mask",
-    "check_top_k",
-    # notebook 05
-    "check_perplexity",
-    "check_sft_loss",
-    # notebook 06
-    "check_last_token_index",
-    "check_spearman",
-    # notebook 07
-    "check_clipped_policy_loss",
-    "check_gae",
-    "check_kl_penalty_rewards",
-    # notebook 08
-    "check_concatenated_logps",
-    "check_reward_accuracy",
-    # notebook 09
-    "check_best_of_n_rewards",
-    "check_on_frontier",
-    # notebook 10
-    "check_ipo_loss",
-    "check_log_odds",
-]
+_MODULE_OF = {  # public name -> the module of dpo_teach.checks that defines it
+    **dict.fromkeys(["Case", "Extreme", "Inputs", "Mistake", "compare_with_reference"], "engine"),  # for a new check
+    "check_preferred": "nb00",
+    **dict.fromkeys(["check_bt_nll", "check_bt_probability"], "nb01"),
+    **dict.fromkeys(["check_kl_divergence", "check_optimal_policy", "check_rlhf_objective"], "nb02"),
+    **dict.fromkeys(["check_dpo_loss", "check_implicit_reward"], "nb03"),
+    **dict.fromkeys(["check_loss_mask", "check_top_k"], "nb04"),
+    **dict.fromkeys(["check_perplexity", "check_sft_loss"], "nb05"),
+    **dict.fromkeys(["check_last_token_index", "check_spearman"], "nb06"),
+    **dict.fromkeys(["check_clipped_policy_loss", "check_gae", "check_kl_penalty_rewards"], "nb07"),
+    **dict.fromkeys(["check_concatenated_logps", "check_reward_accuracy"], "nb08"),
+    **dict.fromkeys(["check_best_of_n_rewards", "check_on_frontier"], "nb09"),
+    **dict.fromkeys(["check_ipo_loss", "check_log_odds"], "nb10"),
+}
+
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    """Import the module that defines `name` on first use (PEP 562) and keep the name here."""
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
