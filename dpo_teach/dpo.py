@@ -13,7 +13,7 @@ from torch import Tensor
 
 from dpo_teach.logps import build_batch, model_sequence_logps
 from dpo_teach.settings import DPOConfig
-from dpo_teach.training import eval_fn_numbers, train
+from dpo_teach.training import autocast, eval_fn_numbers, train
 from dpo_teach.utils import shuffled_batches
 
 __all__ = ["LOSS_TYPES", "DPOConfig", "as_records", "check_logps", "concatenated_batch", "dpo_batch_loss", "dpo_config",
@@ -157,7 +157,8 @@ def precompute_ref_logps(ref_model, tokenizer, pairs, batch_size: int = 64, aver
     for start in range(0, len(records), batch_size):
         batch = concatenated_batch(records[start:start + batch_size], tokenizer, max_prompt_tokens,
                                    max_response_tokens, start=start)
-        c, r = pair_logps(ref_model, batch, average)
+        with autocast(next(ref_model.parameters()).device):  # the arithmetic the policy trains in
+            c, r = pair_logps(ref_model, batch, average)
         chosen.append(c.cpu())
         rejected.append(r.cpu())
     return torch.cat(chosen), torch.cat(rejected)
@@ -202,7 +203,8 @@ def evaluate_pairs(policy, tokenizer, pairs, ref_logps: tuple[Tensor, Tensor], c
     parts = []
     for start in range(0, len(records), batch_size):
         batch = concatenated_batch(records[start:start + batch_size], tokenizer, start=start, **lengths)
-        parts.append(pair_logps(policy, batch, config.average_logps))
+        with autocast(next(policy.parameters()).device, config.precision):  # as the reference log-probs
+            parts.append(pair_logps(policy, batch, config.average_logps))
     policy_chosen_logps = torch.cat([p[0] for p in parts]).cpu()
     policy_rejected_logps = torch.cat([p[1] for p in parts]).cpu()
     losses, chosen_rewards, rejected_rewards = dpo_loss(

@@ -90,7 +90,7 @@ def seeded_sampling(seed: int, device: torch.device):
 
 @torch.no_grad()
 def evaluate_policy(policy, ref_model, tokenizer, prompts: list[str], max_new_tokens: int = NEW_TOKENS,
-                    seed: int = 0, max_prompt_tokens: int | None = PROMPT_TOKENS, batch_size: int = 64) -> dict:
+                    seed: int = 0, max_prompt_tokens: int | None = PROMPT_TOKENS, batch_size: int | None = None) -> dict:
     """Sample one response per prompt (temperature 1, full distribution) and measure it.
 
     Returns a dict with

@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from dpo_teach.utils import right_pad
+from dpo_teach.utils import count_scored, right_pad
 
 __all__ = ["build_batch", "check_text", "encode_prompt", "encode_response", "model_sequence_logps", "quiet_batch",
            "sequence_logps"]
@@ -145,14 +145,18 @@ def model_sequence_logps(model, batch: dict, average: bool = False) -> torch.Ten
     The same numbers as sequence_logps(model(...).logits, labels, loss_mask), but only the positions
     that predict a response token go through the LM head (a prompt's or a pad's logits are never
     used), and each token's log-prob is its logit minus the logsumexp of its row, so no (B, T, V)
-    log-softmax tensor is built. For a causal LM of transformers (base_model + output embeddings).
+    log-softmax tensor is built. Under autocast the transformer runs in 16 bits but the LM head and
+    the log-probs in float32 (16-bit logits of a 50,257-way softmax would lose about 0.1 nat a token).
+    For a causal LM of transformers (base_model + output embeddings).
     """
     device = next(model.parameters()).device
+    count_scored(batch["attention_mask"])
     input_ids = batch["input_ids"].to(device)
     hidden = model.base_model(input_ids=input_ids,
                               attention_mask=batch["attention_mask"].to(device)).last_hidden_state  # (B, T, H)
     predicts = batch["loss_mask"][:, 1:].to(device).bool()  # (B, T-1): position t-1 predicts response token t
-    logits = model.get_output_embeddings()(hidden[:, :-1][predicts]).float()  # (N, V), float32 even under autocast
+    with torch.autocast(device.type, enabled=False):  # the LM head in float32, also under autocast
+        logits = model.get_output_embeddings()(hidden[:, :-1][predicts].float())  # (N, V)
     labels = batch["labels"][:, 1:].to(device)[predicts]  # (N,)
     token_logps = logits.gather(1, labels.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=-1)  # (N,)
     summed = token_logps.new_zeros(predicts.shape).masked_scatter(predicts, token_logps).sum(dim=-1)  # (B,)

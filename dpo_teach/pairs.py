@@ -35,7 +35,7 @@ LABELS = ("oracle", "bradley_terry")
 def build_preference_pairs(policy, tokenizer, prompts: list[str], completions_per_prompt: int = 4,
                            labels: str = "oracle", seed: int = 0, bt_scale: float = 10.0,
                            max_new_tokens: int = NEW_TOKENS, max_prompt_tokens: int | None = PROMPT_TOKENS,
-                           batch_size: int = 64) -> tuple[datasets.Dataset, dict]:
+                           batch_size: int | None = None) -> tuple[datasets.Dataset, dict]:
     """Sample, score and pair responses. Returns (Dataset with columns prompt, chosen, rejected,
     chosen_score, rejected_score; counts dict: prompts, samples, unfinished, possible_pairs, empty,
     identical, ties, pairs, flipped (Bradley-Terry labels that disagree with the scores))."""

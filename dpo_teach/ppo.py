@@ -29,13 +29,21 @@ from dpo_teach.sampling import Generation, generate
 from dpo_teach.settings import PPOConfig
 from dpo_teach.training import (
     append,
+    autocast,
     eval_fn_numbers,
+    grad_scaler,
     gradient_step,
     lr_at,
     make_optimizer,
     record_eval,
 )
-from dpo_teach.utils import position_ids_from_mask, right_pad, seed_everything
+from dpo_teach.utils import (
+    TOKEN_COUNTS,
+    count_scored,
+    position_ids_from_mask,
+    right_pad,
+    seed_everything,
+)
 from dpo_teach.world import oracle_reward
 
 __all__ = ["PPOConfig", "PolicyWithValueHead", "RewardFn", "Rollout", "entropy_from_logits", "gae", "kl_k1", "kl_k3",
@@ -68,8 +76,9 @@ class PolicyWithValueHead(nn.Module):
         """(logits (B, T, V), values (B, T)) at every position."""
         hidden = self.policy.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                         position_ids=position_ids).last_hidden_state  # (B, T, D)
-        logits = self.policy.get_output_embeddings()(hidden)  # (B, T, V)
-        values = self.value_head(hidden).squeeze(-1)  # (B, T)
+        with torch.autocast(hidden.device.type, enabled=False):  # heads in float32, also under autocast
+            logits = self.policy.get_output_embeddings()(hidden.float())  # (B, T, V)
+            values = self.value_head(hidden.float()).squeeze(-1)  # (B, T)
         return logits, values
 
 
@@ -81,9 +90,13 @@ def response_logits_and_values(model: nn.Module, prompt_ids: Tensor, prompt_mask
     so left padding changes nothing. Position P - 1 + t (the token before response token t) predicts
     response token t and holds the value V(s_t). `model` is a PolicyWithValueHead (values returned)
     or a plain causal LM such as ref_model (values None). Logits are divided by the temperature, so
-    that log-probs are those of the distribution the responses were sampled from.
+    that log-probs are those of the distribution the responses were sampled from. Under autocast the
+    transformer runs in 16 bits, the heads in float32: logits and values, and so log-probs, KL and
+    losses, are float32.
     """
     device = next(model.parameters()).device
+    count_scored(prompt_mask)
+    count_scored(response_mask)
     input_ids = torch.cat([prompt_ids, response_ids], dim=1).to(device)  # (B, P + R)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1).to(device)  # (B, P + R)
     position_ids = position_ids_from_mask(attention_mask)  # (B, P + R)
@@ -92,7 +105,10 @@ def response_logits_and_values(model: nn.Module, prompt_ids: Tensor, prompt_mask
     if isinstance(model, PolicyWithValueHead):
         logits, values = model(input_ids, attention_mask, position_ids)
         return logits[:, window] / temperature, values[:, window]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids).last_hidden_state  # (B, P + R, D)
+    with torch.autocast(hidden.device.type, enabled=False):  # the LM head in float32, also under autocast
+        logits = model.get_output_embeddings()(hidden.float())  # (B, P + R, V)
     return logits[:, window] / temperature, None
 
 
@@ -333,8 +349,9 @@ def rollout(model: PolicyWithValueHead, ref_model: nn.Module, reward_fn: RewardF
                           temperature=config.temperature, top_k=0, top_p=1.0,
                           max_prompt_tokens=config.max_prompt_tokens, batch_size=len(prompts))
     ids = (generation.prompt_ids, generation.prompt_mask, generation.response_ids, generation.response_mask)
-    logits, values = response_logits_and_values(model, *ids, temperature=config.temperature)
-    ref_logits, _ = response_logits_and_values(ref_model, *ids, temperature=config.temperature)
+    with autocast(next(model.parameters()).device, config.precision):
+        logits, values = response_logits_and_values(model, *ids, temperature=config.temperature)
+        ref_logits, _ = response_logits_and_values(ref_model, *ids, temperature=config.temperature)
     mask = generation.response_mask.to(logits.device).float()
     logps = token_logps(logits, generation.response_ids) * mask  # (B, R)
     ref_logps = token_logps(ref_logits, generation.response_ids) * mask  # (B, R)
@@ -355,9 +372,11 @@ def _rows(rollout: Rollout, index: Tensor) -> tuple[Tensor, ...]:
 
 
 def ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, rollout: Rollout, advantages: Tensor,
-               returns: Tensor, config: PPOConfig, generator: torch.Generator | None = None) -> dict[str, float]:
+               returns: Tensor, config: PPOConfig, generator: torch.Generator | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """num_epochs passes over the rollout in num_minibatches shuffled minibatches, one gradient step
-    each on  policy_loss + vf_coef * value_loss - entropy_coef * entropy. Returns mean statistics."""
+    each on  policy_loss + vf_coef * value_loss - entropy_coef * entropy. Returns mean statistics.
+    The forward passes run under autocast(device, config.precision); scaler: float16's (training.grad_scaler)."""
     num = len(rollout.scores)
     if num % config.num_minibatches:
         raise ValueError(f"batch_size {num} is not divisible by num_minibatches {config.num_minibatches}")
@@ -369,8 +388,9 @@ def ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, rol
         for index in torch.randperm(num, generator=generator).chunk(config.num_minibatches):
             prompt_ids, prompt_mask, response_ids, response_mask, old_logps, old_values = _rows(rollout, index)
             width = response_ids.shape[1]
-            logits, values = response_logits_and_values(model, prompt_ids, prompt_mask, response_ids,
-                                                        response_mask, temperature=config.temperature)
+            with autocast(device, config.precision):
+                logits, values = response_logits_and_values(model, prompt_ids, prompt_mask, response_ids,
+                                                            response_mask, temperature=config.temperature)
             mask = response_mask.to(device)
             logps = token_logps(logits, response_ids)  # (b, r)
             pg_loss, clip_fraction, approx_kl = policy_loss(logps, old_logps.to(device), advantages[index, :width].to(device),
@@ -379,7 +399,7 @@ def ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, rol
                                                       mask, config.value_clip)
             entropy = masked_mean(entropy_from_logits(logits), mask)
             loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * entropy
-            gradient_step(model, optimizer, loss, config.max_grad_norm)
+            gradient_step(model, optimizer, loss, config.max_grad_norm, scaler)
             for key, value in zip(stats, (pg_loss, vf_loss, entropy, clip_fraction, approx_kl, value_clip_fraction),
                                   strict=True):
                 stats[key].append(float(value.detach()))
@@ -417,6 +437,7 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward: nn.Module | Rewar
     model = PolicyWithValueHead(policy).to(next(policy.parameters()).device)
     reward_fn = reward_model_fn(reward, tokenizer.pad_token_id) if isinstance(reward, nn.Module) else reward
     optimizer = make_optimizer(model, config)
+    scaler = grad_scaler(next(policy.parameters()).device, config.precision)
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(prompts), generator=generator).tolist()
     scored = 2 + isinstance(reward, nn.Module)  # forward passes without a gradient per response
@@ -442,11 +463,12 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward: nn.Module | Rewar
         advantages, returns = gae(rewards, batch.values, batch.mask, config.gamma, config.lam)
         if config.whiten_advantages:
             advantages = whiten(advantages, batch.mask)
-        stats = ppo_update(model, optimizer, batch, advantages, returns, config, generator)
+        stats = ppo_update(model, optimizer, batch, advantages, returns, config, generator, scaler)
         seconds += time.perf_counter() - start
         g = batch.generation
         costs["sequences"] += config.batch_size * config.num_epochs
         costs["tokens"] += int(g.prompt_mask.sum() + g.response_mask.sum()) * config.num_epochs
+        TOKEN_COUNTS["trained"] += int(g.prompt_mask.sum() + g.response_mask.sum()) * config.num_epochs
         costs["generated_sequences"] += config.batch_size
         costs["generated_tokens"] += g.num_tokens
         costs["inference_sequences"] += config.batch_size * scored

@@ -21,7 +21,7 @@ from dpo_teach.logps import encode_prompt, encode_response, quiet_batch
 from dpo_teach.models import disable_dropout
 from dpo_teach.settings import RewardConfig
 from dpo_teach.training import train
-from dpo_teach.utils import position_ids_from_mask, right_pad, shuffled_batches
+from dpo_teach.utils import count_scored, position_ids_from_mask, right_pad, shuffled_batches
 
 __all__ = ["RewardConfig", "RewardModel", "bradley_terry_loss", "last_token_index", "pair_batch", "pair_rewards",
            "pairwise_accuracy", "score_texts", "train_reward_model"]
@@ -62,12 +62,15 @@ class RewardModel(nn.Module):
         return model.to(next(policy.parameters()).device).eval()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Reward of each sequence: input_ids, attention_mask (B, T), padded on either side. Shape: (B,)."""
+        """Reward of each sequence: input_ids, attention_mask (B, T), padded on either side. Shape: (B,),
+        float32 (also under autocast)."""
+        count_scored(attention_mask)
         position_ids = position_ids_from_mask(attention_mask)  # (B, T): padding never shifts positions
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids).last_hidden_state  # (B, T, H)
         last = last_token_index(attention_mask)  # (B,)
-        return self.score(hidden[torch.arange(len(hidden), device=hidden.device), last]).squeeze(-1)  # (B,)
+        with torch.autocast(hidden.device.type, enabled=False):  # the head in float32, also under autocast
+            return self.score(hidden[torch.arange(len(hidden), device=hidden.device), last].float()).squeeze(-1)  # (B,)
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -16,9 +16,10 @@ from transformers.utils import logging as hf_logging
 
 from dpo_teach.logps import encode_prompt
 from dpo_teach.settings import NEW_TOKENS
-from dpo_teach.utils import left_pad
+from dpo_teach.training import autocast
+from dpo_teach.utils import TOKEN_COUNTS, left_pad
 
-__all__ = ["Generation", "generate"]
+__all__ = ["Generation", "generate", "generation_batch_size"]
 
 
 @dataclass
@@ -44,14 +45,22 @@ class Generation:
 
 
 @torch.no_grad()
+def generation_batch_size(device: torch.device) -> int:
+    """Prompts sampled together: 64 on a CPU; 256 on a GPU, where one decoding step costs about the
+    same for 64 rows as for 256 (its time goes to launching kernels, not to arithmetic)."""
+    return 64 if torch.device(device).type == "cpu" else 256
+
+
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = NEW_TOKENS, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, max_prompt_tokens: int | None = None,
-             batch_size: int = 64) -> Generation:
+             batch_size: int | None = None) -> Generation:
     """Sample one response per prompt. temperature = 0 means greedy; top_k = 0 and top_p = 1 mean
-    no truncation of the distribution (the paper samples from the full distribution)."""
+    no truncation of the distribution (the paper samples from the full distribution). batch_size:
+    prompts sampled together (default: generation_batch_size(device))."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    batch_size = batch_size or generation_batch_size(device)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     rows = [encode_prompt(p, tokenizer, max_prompt_tokens)[0] for p in prompts]
     prompt_ids, prompt_mask = left_pad(rows, pad)
@@ -67,8 +76,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = NEW_TOK
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 eos_token_id=eos, pad_token_id=pad, **sampling)
+            with autocast(device):  # float32 on a CPU; mixed precision on a GPU
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     eos_token_id=eos, pad_token_id=pad, **sampling)
         finally:
             hf_logging.set_verbosity(verbosity)
         chunks.append(out[:, ids.shape[1]:].cpu())  # (b, r) response part only
@@ -86,5 +96,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = NEW_TOK
     response_mask = (positions < lengths.unsqueeze(1)).long()  # (B, R)
     response_ids = torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, pad))
     texts = [tokenizer.decode(response_ids[i, : lengths[i] - int(finished[i])].tolist()) for i in range(len(prompts))]
+    TOKEN_COUNTS["generated"] += int(lengths.sum())
     model.train(was_training)
     return Generation(list(prompts), texts, prompt_ids, prompt_mask, response_ids, response_mask, finished)

@@ -25,11 +25,19 @@ The history is a dict of lists, one vocabulary for every stage:
 A run continued over several calls (online DPO's rounds) numbers its steps on, from first_step;
 "seconds", "sequences" and "tokens" count from the start of each call.
   "eval/<m>"    evaluate()'s number m at those points (e.g. "eval/perplexity", "eval/loss")
+
+Precision. On a CPU everything runs in float32. On a CUDA GPU the forward passes of training,
+sampling and evaluation run under autocast (`autocast(device)`): bfloat16 where the GPU supports it,
+else float16 with a gradient scaler (`GradScaler`) against underflow, e.g. on a T4. The weights and
+the optimizer's state stay float32, and every log-probability, loss and KL is computed in float32
+from upcast logits. DPO_TEACH_PRECISION ("float32", "bfloat16", "float16") overrides the default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,9 +45,46 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["SCHEDULES", "TrainConfig", "append", "eval_fn_numbers", "gradient_step", "lr_at", "make_optimizer", "record_eval", "train"]
+from dpo_teach.utils import TOKEN_COUNTS
+
+__all__ = ["PRECISIONS", "PRECISION_ENV", "SCHEDULES", "TrainConfig", "append", "autocast", "default_precision", "grad_scaler", "eval_fn_numbers", "gradient_step", "lr_at", "make_optimizer", "record_eval", "train"]
 
 SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("float32", "bfloat16", "float16")
+PRECISION_ENV = "DPO_TEACH_PRECISION"
+
+
+def default_precision(device: str | torch.device) -> str:
+    """The arithmetic of forward passes on `device`: $DPO_TEACH_PRECISION if set; else on CUDA
+    "bfloat16" where the GPU supports it (Ampere and later) and "float16" where not (a T4); else
+    "float32" (CPU, mps)."""
+    chosen = os.environ.get(PRECISION_ENV)
+    if chosen:
+        if chosen not in PRECISIONS:
+            raise ValueError(f"{PRECISION_ENV}={chosen!r}: choose one of {PRECISIONS}")
+        return chosen
+    if torch.device(device).type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def autocast(device: str | torch.device, precision: str | None = None):
+    """A context in which forward passes on `device` run in `precision` (default:
+    default_precision(device)); float32 is no autocast at all."""
+    precision = precision or default_precision(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: choose one of {PRECISIONS}")
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, precision))
+
+
+def grad_scaler(device: str | torch.device, precision: str | None = None) -> torch.amp.GradScaler | None:
+    """A gradient scaler for float16 (its small range lets small gradients underflow to zero); None
+    for float32 and bfloat16, which need none."""
+    if (precision or default_precision(device)) != "float16":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
 
 
 @dataclass(frozen=True)
@@ -56,10 +101,13 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping
     eval_every: int = 50  # steps between evaluations (0: never)
     seed: int = 0  # seeds the order of the data
+    precision: str | None = None  # "float32", "bfloat16", "float16"; None: default_precision(device)
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}: choose one of {SCHEDULES}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}: choose one of {PRECISIONS}")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -84,13 +132,22 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
 
 
 def gradient_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-                  max_grad_norm: float) -> None:
+                  max_grad_norm: float, scaler: torch.amp.GradScaler | None = None) -> None:
     """One optimizer step on `loss`: clear old gradients, backpropagate, clip the gradient norm of
-    `model`'s parameters to max_grad_norm, step. Every training loop of the course uses it."""
+    `model`'s parameters to max_grad_norm, step. Every training loop of the course uses it.
+    With a float16 `scaler` the loss is scaled up before backward and the gradients unscaled before
+    clipping; a step whose gradients overflowed is skipped and the scale lowered."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if scaler is None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def append(history: dict[str, list], values: dict, prefix: str = "") -> None:
@@ -100,13 +157,14 @@ def append(history: dict[str, list], values: dict, prefix: str = "") -> None:
 
 
 def record_eval(history: dict[str, list], model: torch.nn.Module, evaluate: Callable[[], dict], step: int) -> float:
-    """Run evaluate() with the model in eval mode, record its numbers under "eval/<name>" with
+    """Run evaluate() with the model in eval mode (under the device's default autocast), record its numbers under "eval/<name>" with
     "eval/step" = step (recorded even when evaluate() gives no number, e.g. an eval_fn that keeps
     its results itself), and give the seconds it took (so that training time can leave it out)."""
     start = time.perf_counter()
     was_training = model.training
     model.eval()
-    results = evaluate() or {}
+    with autocast(next(model.parameters()).device):
+        results = evaluate() or {}
     model.train(was_training)
     append(history, {"step": step, **results}, prefix="eval/")
     return time.perf_counter() - start
@@ -135,9 +193,12 @@ def train(model: torch.nn.Module, batch_loss: Callable, batches: Iterable, confi
     sequences read, tokens read). evaluate() -> dict of numbers, called before training, every
     config.eval_every steps and after the last step (in eval mode, time not counted). optimizer:
     carried over from an earlier call (online DPO's rounds), with `first_step` the steps already
-    taken (the schedule continues); by default a fresh make_optimizer(model, config).
+    taken (the schedule continues); by default a fresh make_optimizer(model, config). batch_loss
+    runs under autocast(device, config.precision) (float32 on a CPU: no autocast).
     """
     optimizer = optimizer or make_optimizer(model, config)
+    device = next(model.parameters()).device
+    scaler = grad_scaler(device, config.precision)
     history: dict[str, list] = {"step": [], "lr": [], "seconds": [], "sequences": [], "tokens": []}
     evaluating = evaluate is not None and config.eval_every > 0
     if evaluating:
@@ -150,9 +211,11 @@ def train(model: torch.nn.Module, batch_loss: Callable, batches: Iterable, confi
         lr = lr_at(first_step + step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, metrics, batch_sequences, batch_tokens = batch_loss(batch)
-        gradient_step(model, optimizer, loss, config.max_grad_norm)
+        with autocast(device, config.precision):
+            loss, metrics, batch_sequences, batch_tokens = batch_loss(batch)
+        gradient_step(model, optimizer, loss, config.max_grad_norm, scaler)
         sequences, tokens = sequences + batch_sequences, tokens + batch_tokens
+        TOKEN_COUNTS["trained"] += batch_tokens
         append(history, {"step": first_step + step, "lr": lr, "seconds": time.perf_counter() - start - eval_seconds,
                          "sequences": sequences, "tokens": tokens})
         append(history, metrics, prefix="train/")

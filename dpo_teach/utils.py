@@ -4,19 +4,40 @@
 - left_pad: rows [pad | ids], the layout of prompts for generation (every row's last prompt token
   at the same position);
 - position_ids_from_mask: positions counted over real tokens only, so left padding never shifts them;
+- to_device: a batch (dict) with its tensors on the model's device, for a forward pass on a GPU;
 - seed_everything: python, numpy and torch in one call;
-- shuffled_batches: the seeded order in which a training run reads its data.
+- shuffled_batches: the seeded order in which a training run reads its data;
+- TOKEN_COUNTS: tokens read with a gradient ("trained"), sampled ("generated") and read by forward
+  passes without a gradient ("scored", count_scored) in this process so far, for throughput
+  reports (dpo_teach.rehearse).
 Masks always come from lengths, never from comparing ids with the pad id (docs/conventions.md).
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import numpy as np
 import torch
 
-__all__ = ["left_pad", "position_ids_from_mask", "right_pad", "seed_everything", "shuffled_batches"]
+__all__ = ["TOKEN_COUNTS", "count_scored", "to_device", "left_pad", "position_ids_from_mask", "right_pad", "seed_everything", "shuffled_batches"]
+
+TOKEN_COUNTS: Counter = Counter()  # "trained": read with a gradient (training.train, ppo); "generated": sampled;
+#                                    "scored": read by a forward pass without a gradient (count_scored)
+
+
+def count_scored(attention_mask: torch.Tensor) -> None:
+    """Add the real tokens of a forward pass to TOKEN_COUNTS["scored"] when no gradient is recorded
+    (evaluations, reference log-probs, reward scores); passes with a gradient count as "trained"."""
+    if not torch.is_grad_enabled():
+        TOKEN_COUNTS["scored"] += int(attention_mask.sum())
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """A copy of `batch` with every tensor moved to `device` (other values kept): batches are built on
+    the CPU; a model on a GPU needs its inputs there. On the CPU it changes nothing."""
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
