@@ -47,7 +47,7 @@ from dpo_teach.sft import train_sft
 from dpo_teach.stats import Interval, paired_bootstrap
 from dpo_teach.world import load_prompts, oracle_reward
 
-__all__ = ["SweepConfig", "sweep_config", "live_sweep_config", "training_cost", "Point", "Run",
+__all__ = ["SweepConfig", "sweep_config", "paper_sweep_config", "live_sweep_config", "training_cost", "Point", "Run",
            "Experiment", "best_of_n_rewards", "best_of_n_kl", "on_frontier", "concave_frontier", "frontier_at",
            "MethodData", "method_data", "frontier_gap", "frontier_band", "point_gap", "length_controlled", "ideal_frontier", "IdealFrontier",
            "length_reward_curve", "length_explained", "cost_to_reach", "seed_spread", "mean_curve",
@@ -57,6 +57,12 @@ __all__ = ["SweepConfig", "sweep_config", "live_sweep_config", "training_cost", 
 def sweep_config(preset: Preset | None = None, **overrides) -> SweepConfig:
     """The powered sweep of a preset (default: the current one; its settings.sweep), with fields replaced."""
     return replace((preset or get_preset()).settings.sweep, **overrides)
+
+
+def paper_sweep_config(preset: Preset | None = None, **overrides) -> SweepConfig:
+    """The paper's full grid where a preset has one as an opt-in (settings.paper_sweep), else its sweep."""
+    settings = (preset or get_preset()).settings
+    return replace(settings.paper_sweep or settings.sweep, **overrides)
 
 
 def live_sweep_config(preset: Preset | None = None, **overrides) -> SweepConfig:

@@ -7,10 +7,16 @@ A preset is picked by `setup()` at the top of every notebook:
 - "gpt2" (the default on a CUDA GPU): GPT-2 (124M) and IMDb reviews from the Hugging Face hub,
   the same code with other names and larger sizes. It needs the internet the first time.
 
-The environment variable DPO_TEACH_PRESET overrides the choice ("tiny" or "gpt2"), DPO_TEACH_DEVICE
-overrides the device ("cpu", "cuda", "mps"). DPO_TEACH_MODEL and DPO_TEACH_DATASET replace the
-model and the review data set of a preset with a hub name or a local folder (tests point the "gpt2"
-preset at local folders this way).
+Devices. The "gpt2" preset runs on a CUDA GPU when there is one (else on the CPU, slowly). The
+"tiny" preset runs on the CPU everywhere, also where a GPU or Apple's mps exists: its budgets and
+assertions are measured on a CPU, and a model this small gains nothing from a GPU (README,
+"Performance"). DPO_TEACH_DEVICE ("cpu", "cuda", "mps") overrides the device of either.
+
+The environment variable DPO_TEACH_PRESET overrides the choice ("tiny" or "gpt2"). DPO_TEACH_MODEL
+and DPO_TEACH_DATASET replace the model and the review data set of a preset with a hub name or a
+local folder (dpo_teach.rehearse and the tests point the "gpt2" preset at local stand-ins this way).
+DPO_TEACH_SCALE (a factor in (0, 1]) scales every count of the preset's settings down
+(settings.scaled), for rehearsals that exercise every code path quickly.
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from dpo_teach.settings import SETTINGS, Settings
+from dpo_teach.settings import SETTINGS, Settings, scaled
 from dpo_teach.utils import seed_everything
 
-__all__ = ["PRESET_ENV", "DEVICE_ENV", "MODEL_ENV", "DATASET_ENV", "DATA_ENV", "CACHE_ENV", "Preset", "cache_dir",
+__all__ = ["PRESET_ENV", "DEVICE_ENV", "MODEL_ENV", "DATASET_ENV", "DATA_ENV", "CACHE_ENV", "SCALE_ENV", "Preset", "cache_dir",
            "data_dir", "find_device", "get_preset", "setup"]
 
 PRESET_ENV = "DPO_TEACH_PRESET"
@@ -33,6 +39,7 @@ MODEL_ENV = "DPO_TEACH_MODEL"
 DATASET_ENV = "DPO_TEACH_DATASET"
 DATA_ENV = "DPO_TEACH_DATA"
 CACHE_ENV = "DPO_TEACH_CACHE"
+SCALE_ENV = "DPO_TEACH_SCALE"
 
 
 def data_dir() -> Path:
@@ -63,7 +70,8 @@ class Preset:
 
     def __post_init__(self):
         if self.settings is None:
-            object.__setattr__(self, "settings", SETTINGS[self.name])
+            factor = float(os.environ.get(SCALE_ENV) or 1)
+            object.__setattr__(self, "settings", scaled(SETTINGS[self.name], factor))
 
     # The lengths every stage shares, read from the settings.
     max_prompt_tokens = property(lambda self: self.settings.max_prompt_tokens)
@@ -80,21 +88,22 @@ def _base_presets(device: str) -> dict[str, Preset]:
     }
 
 
-def find_device() -> str:
-    """The best device here: $DPO_TEACH_DEVICE, else cuda, else mps, else cpu."""
+def find_device(preset: str | None = None) -> str:
+    """The device for `preset`: $DPO_TEACH_DEVICE if set; else "cuda" when a CUDA GPU exists and
+    the preset is "gpt2" or not yet chosen; else "cpu" (mps only when asked for: nothing of the
+    course is measured there, and it lacks the float64 the package uses in places)."""
     if os.environ.get(DEVICE_ENV):
         return os.environ[DEVICE_ENV]
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and preset in (None, "gpt2"):
         return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
     return "cpu"
 
 
 def get_preset(name: str | None = None, device: str | None = None, **overrides) -> Preset:
-    """The preset called `name` (default: $DPO_TEACH_PRESET, else "gpt2" on CUDA, else "tiny")."""
-    device = device or find_device()
-    name = name or os.environ.get(PRESET_ENV) or ("gpt2" if device == "cuda" else "tiny")
+    """The preset called `name` (default: $DPO_TEACH_PRESET, else "gpt2" where a CUDA GPU exists,
+    else "tiny") on `device` (default: find_device(name))."""
+    name = name or os.environ.get(PRESET_ENV) or ("gpt2" if find_device() == "cuda" else "tiny")
+    device = device or find_device(name)
     presets = _base_presets(device)
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}: choose one of {sorted(presets)}")

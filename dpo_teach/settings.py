@@ -14,13 +14,13 @@ default that bounds a length refers to them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 from dpo_teach.training import TrainConfig
 
 __all__ = ["PROMPT_TOKENS", "RESPONSE_TOKENS", "NEW_TOKENS", "SFT_RESPONSE_TOKENS", "GPT2_PROMPT_TOKENS",
            "GPT2_RESPONSE_TOKENS", "GPT2_NEW_TOKENS", "GPT2_SFT_RESPONSE_TOKENS", "SFTConfig", "PairsConfig", "RewardConfig",
-           "PPOConfig", "DPOConfig", "SweepConfig", "Settings", "SETTINGS"]
+           "PPOConfig", "DPOConfig", "SweepConfig", "VariantsConfig", "Settings", "SETTINGS", "scaled"]
 
 # ---- Lengths, in tokens (the "tiny" preset's; "gpt2" sets its own in SETTINGS) ---------------------
 
@@ -148,6 +148,18 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class VariantsConfig:
+    """Notebook 10: DPO's variants side by side, and offline against online DPO (dpo_teach.variants,
+    dpo_teach.online). Each variant's own hyper-parameters are in variants.VARIANT_SETTINGS."""
+
+    num_steps: int = 30  # optimizer steps of every variant, on the same pairs in the same order (each once)
+    batch_size: int = 16  # pairs per step, for the variants and for online and offline DPO
+    online_rounds: int = 4  # online DPO: rounds of sampling from the current policy, labelling, training
+    prompts_per_round: int = 64  # prompts labelled per round (one label each): steps per round =
+    #                              prompts_per_round / batch_size; offline DPO gets as many labels
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings of one preset."""
 
@@ -161,7 +173,9 @@ class Settings:
     ppo: PPOConfig
     dpo: DPOConfig
     sweep: SweepConfig  # the powered frontier sweep (python -m dpo_teach.sweep)
+    variants: VariantsConfig = VariantsConfig()  # notebook 10's comparisons
     live_sweep: SweepConfig | None = field(repr=False, default=None)  # the reduced sweep notebook 09 runs live
+    paper_sweep: SweepConfig | None = field(repr=False, default=None)  # the paper's full grid, where it is an opt-in
 
     @property
     def max_length(self) -> int:
@@ -188,6 +202,9 @@ SETTINGS = {
         ppo=PPOConfig(num_steps=40, batch_size=32, lr=5e-5, kl_coef=0.1, eval_every=10),
         # under a minute: 60 x 32 = 1,920 pairs, each at most once; beta 0.1 (the paper's, TRL's default)
         dpo=DPOConfig(beta=0.1, num_steps=60, batch_size=32, lr=1e-4, warmup_steps=10, eval_every=30),
+        # notebook 10, a few minutes: 7 variants x 30 steps of 16 pairs (480 pairs, each once); online
+        # DPO in 4 rounds of 64 prompts (256 labels, 16 steps) against offline DPO on as many labels
+        variants=VariantsConfig(num_steps=30, batch_size=16, online_rounds=4, prompts_per_round=64),
         # About 40 minutes (`python -m dpo_teach.sweep --preset tiny`): 3 betas, 3 fixed KL coefficients
         # (notebook 07's 0.1 among them) and two KL targets, PPO-GT, 3 seeds; DPO for one pass over all
         # 2,362 pairs (74 x 32: every label the reward model was fitted to), PPO for notebook 07's 40
@@ -205,36 +222,100 @@ SETTINGS = {
                                seeds=(0,), best_of_n=(2, 4, 8), dpo_steps=40, dpo_eval_every=20, ppo_steps=16,
                                ppo_eval_every=8, preferred_ft_steps=20, eval_prompts=128, samples_per_prompt=1),
     ),
-    # GPU, GPT-2 (124M) on IMDb reviews: longer responses, more data, the paper's learning rates.
+    # GPU, GPT-2 (124M) on IMDb reviews, sized for a Colab T4 (16 GB): each notebook within 20
+    # minutes, the whole course within 2 hours, peak GPU memory under 14 GB (README, "On a GPU": the
+    # times measured by `python -m dpo_teach.rehearse` and how the T4's were estimated from them).
+    # The model is pretrained, so every stage needs far fewer steps than the tiny one from scratch.
     "gpt2": Settings(
         max_prompt_tokens=GPT2_PROMPT_TOKENS, max_response_tokens=GPT2_RESPONSE_TOKENS,
         max_new_tokens=GPT2_NEW_TOKENS,
-        eval_prompts=512,  # four times the tiny preset's: halves the standard error of a mean reward
-        # the smaller learning rate of a pretrained 124M model; 2,000 x 32 = 64,000 reviews, about
-        # 2.5 passes over IMDb's 25,000 training reviews
-        sft=SFTConfig(num_steps=2000, batch_size=32, lr=5e-5, warmup_steps=100, eval_every=250,
+        eval_prompts=256,  # twice the tiny preset's: a standard error of about 0.03 on a mean reward
+        # the smaller learning rate of a pretrained 124M model; 600 x 32 = 19,200 reviews, about
+        # three quarters of one pass over IMDb's 25,000 training reviews
+        sft=SFTConfig(num_steps=600, batch_size=32, lr=5e-5, warmup_steps=50, eval_every=200,
                       max_prompt_tokens=GPT2_PROMPT_TOKENS, max_response_tokens=GPT2_SFT_RESPONSE_TOKENS),
-        # 2,000 prompts x 4 samples = up to 12,000 pairs (6 per prompt, less the ties)
-        pairs=PairsConfig(num_train_prompts=2000, num_test_prompts=250, completions_per_prompt=4,
+        # 1,000 prompts x 4 samples = up to 6,000 pairs (6 per prompt, less the ties)
+        pairs=PairsConfig(num_train_prompts=1000, num_test_prompts=200, completions_per_prompt=4,
                           max_new_tokens=GPT2_NEW_TOKENS, max_prompt_tokens=GPT2_PROMPT_TOKENS),
-        # a learning rate of 1e-5 for a 124M trunk; 1,500 x 32 = 48,000 pairs read, about four
-        # passes over the pairs
-        reward=RewardConfig(num_steps=1500, batch_size=32, lr=1e-5, warmup_steps=100, eval_every=250,
+        # a learning rate of 1e-5 for a 124M trunk; 400 x 32 = 12,800 pairs read, about two passes
+        reward=RewardConfig(num_steps=400, batch_size=32, lr=1e-5, warmup_steps=40, eval_every=100,
                             max_prompt_tokens=GPT2_PROMPT_TOKENS, max_response_tokens=GPT2_RESPONSE_TOKENS),
-        # TRL's PPO learning rate order for GPT-2 (1e-5), 64 prompts per rollout, 200 rollout batches
-        ppo=PPOConfig(num_steps=200, batch_size=64, lr=1e-5, kl_coef=0.1, eval_every=25,
+        # TRL's PPO learning rate order for GPT-2 (1e-5), 64 prompts per rollout, 60 rollout batches
+        ppo=PPOConfig(num_steps=60, batch_size=64, lr=1e-5, kl_coef=0.1, eval_every=20,
                       max_new_tokens=GPT2_NEW_TOKENS, max_prompt_tokens=GPT2_PROMPT_TOKENS),
-        # the paper's batch of 64 pairs, its learning rate of 1e-6 and 150 warm-up steps
-        dpo=DPOConfig(beta=0.1, num_steps=1000, batch_size=64, lr=1e-6, warmup_steps=150, eval_every=100),
-        # the paper's grid of four betas, four KL coefficients and two targets, three seeds, PPO-GT
-        sweep=SweepConfig(dpo_betas=(0.05, 0.1, 1.0, 5.0), ppo_kl_coefs=(0.02, 0.05, 0.1, 0.2),
-                          ppo_target_kls=(6.0, 12.0), ppo_gt_kl_coefs=(0.05, 0.1), seeds=(0, 1, 2),
-                          best_of_n=(2, 4, 16, 64), dpo_steps=600, dpo_eval_every=100, ppo_steps=200,
-                          ppo_eval_every=25, preferred_ft_steps=300, eval_prompts=512, samples_per_prompt=1,
-                          ideal_samples=64, ppo_kl_horizon=1280),
-        # one setting per method, one seed; the notebook then runs the powered sweep itself
+        # the paper's batch of 64 pairs and learning rate of 1e-6; 300 x 64 = 19,200 pairs read,
+        # about three passes
+        dpo=DPOConfig(beta=0.1, num_steps=300, batch_size=64, lr=1e-6, warmup_steps=30, eval_every=100),
+        # notebook 10: each variant reads 100 x 32 = 3,200 pairs once; online DPO 4 rounds of 256 prompts
+        variants=VariantsConfig(num_steps=100, batch_size=32, online_rounds=4, prompts_per_round=256),
+        # what notebook 09 runs on a GPU by default (within the T4 budget): two betas, two KL
+        # coefficients, PPO-GT, two seeds, short runs, an ideal frontier from 16 samples per prompt
+        sweep=SweepConfig(dpo_betas=(0.1, 1.0), ppo_kl_coefs=(0.05, 0.1), ppo_target_kls=(), ppo_gt_kl_coefs=(0.1,),
+                          seeds=(0, 1), best_of_n=(2, 4, 16), dpo_steps=150, dpo_eval_every=50, ppo_steps=20,
+                          ppo_eval_every=5, preferred_ft_steps=100, eval_prompts=128, samples_per_prompt=1,
+                          ideal_samples=16, ppo_kl_horizon=1280),
+        # the paper's grid (four betas, four KL coefficients, two targets, PPO-GT, three seeds): hours
+        # on a T4, an opt-in of notebook 09 (DPO_TEACH_FULL_SWEEP=1, or `python -m dpo_teach.sweep --full`)
+        paper_sweep=SweepConfig(dpo_betas=(0.05, 0.1, 1.0, 5.0), ppo_kl_coefs=(0.02, 0.05, 0.1, 0.2),
+                                ppo_target_kls=(6.0, 12.0), ppo_gt_kl_coefs=(0.05, 0.1), seeds=(0, 1, 2),
+                                best_of_n=(2, 4, 16, 64), dpo_steps=600, dpo_eval_every=100, ppo_steps=200,
+                                ppo_eval_every=25, preferred_ft_steps=300, eval_prompts=512, samples_per_prompt=1,
+                                ideal_samples=64, ppo_kl_horizon=1280),
+        # one setting per method, one seed, before the sweep
         live_sweep=SweepConfig(dpo_betas=(0.1,), ppo_kl_coefs=(0.1,), ppo_target_kls=(), ppo_gt_kl_coefs=(),
-                               seeds=(0,), best_of_n=(2, 4, 16), dpo_steps=200, dpo_eval_every=100, ppo_steps=50,
-                               ppo_eval_every=25, preferred_ft_steps=100, eval_prompts=256, samples_per_prompt=1),
+                               seeds=(0,), best_of_n=(2, 4, 16), dpo_steps=100, dpo_eval_every=50, ppo_steps=20,
+                               ppo_eval_every=10, preferred_ft_steps=50, eval_prompts=128, samples_per_prompt=1),
     ),
 }
+
+
+# ---- Scaled-down settings, for rehearsals ---------------------------------------------------------------
+
+
+def _count(value: int, factor: float, least: int) -> int:
+    return max(least, round(value * factor))
+
+
+def _scaled_run(config, factor: float):
+    """A training config with its steps, warm-up, evaluation interval and batch scaled by factor."""
+    steps = _count(config.num_steps, factor, 2)
+    every = _count(config.eval_every * steps / config.num_steps, 1, 1) if config.eval_every else 0
+    batch = 2 * _count(config.batch_size / 2, factor, 2)  # even: PPO splits it into 2 minibatches
+    return replace(config, num_steps=steps, warmup_steps=min(steps, _count(config.warmup_steps, factor, 1)),
+                   eval_every=every, batch_size=batch)
+
+
+def _scaled_sweep(sweep: SweepConfig | None, factor: float) -> SweepConfig | None:
+    if sweep is None:
+        return None
+    counts = {f.name: _count(getattr(sweep, f.name), factor, 2) for f in fields(sweep)
+              if f.name in ("dpo_steps", "ppo_steps", "preferred_ft_steps", "eval_prompts", "ppo_kl_horizon")}
+    counts["dpo_eval_every"] = _count(sweep.dpo_eval_every * counts["dpo_steps"] / sweep.dpo_steps, 1, 1)
+    counts["ppo_eval_every"] = _count(sweep.ppo_eval_every * counts["ppo_steps"] / sweep.ppo_steps, 1, 1)
+    counts["ideal_samples"] = _count(sweep.ideal_samples, factor, 2) if sweep.ideal_samples else 0
+    return replace(sweep, **counts)
+
+
+def scaled(settings: Settings, factor: float) -> Settings:
+    """`settings` with every count (training steps, warm-up, evaluation intervals, batch sizes,
+    prompts, evaluation prompts, the sweeps' steps) multiplied by `factor` and rounded, each kept at a
+    small working minimum; lengths, learning rates and the sweeps' grids unchanged. For rehearsals:
+    DPO_TEACH_SCALE=0.02 runs every code path of a preset in a fraction of its time (presets.py)."""
+    if not 0 < factor <= 1:
+        raise ValueError(f"scale factor must be in (0, 1], got {factor}")
+    if factor == 1:
+        return settings
+    pairs, variants = settings.pairs, settings.variants
+    # notebook 10 probes 64 of the variants' pairs (4 steps of 16 at least) and runs online DPO on
+    # distinct training prompts that have pairs: (4 rounds x 16 at least), hence 128 prompts at least
+    per_round = variants.batch_size * _count(variants.prompts_per_round / variants.batch_size, factor, 1)
+    return replace(
+        settings, eval_prompts=_count(settings.eval_prompts, factor, 8),
+        variants=replace(variants, num_steps=_count(variants.num_steps, factor, max(4, -(-64 // variants.batch_size))),
+                         prompts_per_round=per_round),
+        sft=_scaled_run(settings.sft, factor), reward=_scaled_run(settings.reward, factor),
+        ppo=_scaled_run(settings.ppo, factor), dpo=_scaled_run(settings.dpo, factor),
+        pairs=replace(pairs, num_train_prompts=_count(pairs.num_train_prompts, factor, 128),
+                      num_test_prompts=_count(pairs.num_test_prompts, factor, 8)),
+        sweep=_scaled_sweep(settings.sweep, factor), live_sweep=_scaled_sweep(settings.live_sweep, factor),
+        paper_sweep=_scaled_sweep(settings.paper_sweep, factor))

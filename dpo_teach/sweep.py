@@ -3,12 +3,17 @@ checkpoint's per-prompt rewards, KLs and lengths written to data/results/<preset
 
     python -m dpo_teach.sweep --preset tiny          # about 40 minutes on 2 CPU cores
     python -m dpo_teach.sweep --preset tiny --list   # what it would run, and what is done
+    python -m dpo_teach.sweep --preset gpt2 --full   # the paper's grid (settings.paper_sweep): hours on a T4
 
 It is resumable: each run is written to its own file as soon as it finishes, and a later call skips
 the runs whose file exists (delete a file to run it again). sweep.json records what the results were
 made with: the sweep, the preset, the evaluation seed, the package's commit, the versions of torch
 and transformers, the machine and its thread count. Notebook 09 loads the results with
 load_results and draws its conclusions from them.
+
+The "tiny" preset's sweep is committed under data/results/tiny/. A preset without committed results
+(the GPU one) runs its sweep in notebook 09 into the cache (cache_results_dir), where notebook 10
+finds it (find_results).
 """
 
 from __future__ import annotations
@@ -30,19 +35,41 @@ from dpo_teach.frontier import (
     Experiment,
     Run,
     SweepConfig,
+    paper_sweep_config,
     run_from_dict,
     run_to_dict,
     sweep_config,
 )
-from dpo_teach.presets import Preset, data_dir, get_preset
+from dpo_teach.presets import Preset, cache_dir, data_dir, get_preset
 from dpo_teach.utils import seed_everything
 
-__all__ = ["results_dir", "jobs", "run_job", "run_sweep", "load_results", "main"]
+__all__ = ["FULL_SWEEP_ENV", "results_dir", "cache_results_dir", "find_results", "jobs", "run_job", "run_sweep",
+           "load_results", "main"]
+
+FULL_SWEEP_ENV = "DPO_TEACH_FULL_SWEEP"  # "1": notebook 09 runs settings.paper_sweep instead of settings.sweep
 
 
 def results_dir(preset: Preset | None = None) -> Path:
     """data/results/<preset>/: where the committed sweep of a preset lives."""
     return data_dir() / "results" / (preset or get_preset()).name
+
+
+def cache_results_dir(preset: Preset | None = None, full: bool = False) -> Path:
+    """Where notebook 09 runs a preset's sweep when none is committed: the cache, one folder for the
+    default sweep ("sweep") and one for the paper's grid ("paper_sweep")."""
+    return cache_dir() / (preset or get_preset()).name / ("paper_sweep" if full else "sweep")
+
+
+def find_results(preset: Preset | None = None) -> Path:
+    """The folder of a preset's sweep: the committed one if there is one, else the paper's grid run
+    in the cache if it finished, else the default sweep run in the cache."""
+    preset = preset or get_preset()
+    if (results_dir(preset) / "sweep.json").exists():
+        return results_dir(preset)
+    full = cache_results_dir(preset, full=True) / "sweep.json"
+    if full.exists() and "finished" in json.loads(full.read_text()):
+        return full.parent
+    return cache_results_dir(preset)
 
 
 def jobs(sweep: SweepConfig) -> list[tuple[str, str, dict]]:
@@ -128,9 +155,9 @@ def run_sweep(preset: Preset | None = None, sweep: SweepConfig | None = None, ou
 
 
 def load_results(preset: Preset | None = None, folder: Path | None = None) -> dict:
-    """The results of a sweep: {"meta": sweep.json, "runs": [Run, ...], "ideal": {"rewards", "lengths"}
+    """The results of a sweep (in `folder`, default find_results(preset)): {"meta": sweep.json, "runs": [Run, ...], "ideal": {"rewards", "lengths"}
     ((K, P) tensors, or None)}. Raises FileNotFoundError when the folder holds no sweep."""
-    folder = Path(folder or results_dir(preset))
+    folder = Path(folder or find_results(preset))
     meta = json.loads((folder / "sweep.json").read_text())
     runs = []
     for path in sorted((folder / "runs").glob("*.json")):
@@ -147,11 +174,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="output folder (default: data/results/<preset>)")
     parser.add_argument("--only", default=None, help="run only the jobs whose file name starts with this")
     parser.add_argument("--list", action="store_true", help="list the jobs and whether each is done")
+    parser.add_argument("--full", action="store_true", help="the paper's grid (settings.paper_sweep), where a preset has one")
     args = parser.parse_args(argv)
     from dpo_teach.presets import setup
 
     preset = setup(args.preset)
-    sweep = sweep_config(preset)
+    sweep = paper_sweep_config(preset) if args.full else sweep_config(preset)
     out = Path(args.out or results_dir(preset))
     if args.list:
         for name, _, _ in jobs(sweep):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,8 +26,8 @@ __all__ = ["GENRES", "ASPECTS", "POSITIVE", "NEGATIVE", "NEUTRAL_ADJ", "INTENSIF
            "LAST_NAMES", "TITLE_ADJ", "TITLE_NOUNS", "PLACES", "SUBJECTS", "PLOTS", "PLURAL_ASPECTS",
            "VERDICTS", "generate_review", "TOWNS", "DAYS", "TEAMS", "NUMBERS", "FOODS", "INGREDIENTS",
            "GENERIC_TOPICS", "generate_generic", "generate_reviews", "make_prompt", "SPLITS", "PROMPT_SETS",
-           "read_jsonl", "write_world", "world_dir", "load_split", "oracle_reward", "load_reviews",
-           "load_prompts"]
+           "read_jsonl", "write_world", "world_dir", "load_split", "oracle_reward", "HTML_BREAK",
+           "MIN_PROMPT_TOKENS", "MAX_PROMPT_TOKENS", "clean_review", "token_prompt", "load_reviews", "load_prompts"]
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary of the review grammar. Sentiment words are mostly ones VADER's lexicon knows, with a
@@ -399,9 +400,27 @@ def oracle_reward(texts: list[str]) -> torch.Tensor:
 # One entry point for both worlds: the preset decides where reviews and prompts come from.
 
 
+HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+MIN_PROMPT_TOKENS, MAX_PROMPT_TOKENS = 2, 8  # IMDb prompts: the paper's prefixes of 2 to 8 tokens
+
+
+def clean_review(text: str) -> str:
+    """An IMDb review as plain text: its HTML line breaks ("<br /><br />") become spaces, runs of
+    whitespace one space. Reviews are not cut here: every stage cuts what it reads to its token
+    budget (SFT keeps a review's first max_response_tokens tokens, settings.py)."""
+    return " ".join(HTML_BREAK.sub(" ", text).split())
+
+
+def token_prompt(text: str, tokenizer, rng: random.Random) -> str:
+    """The first 2 to 8 tokens of a review, as text (the prompts of the paper's IMDb task)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:MAX_PROMPT_TOKENS]
+    k = rng.randint(MIN_PROMPT_TOKENS, min(MAX_PROMPT_TOKENS, len(ids) - 1))
+    return tokenizer.decode(ids[:k])
+
+
 def _hub_reviews(dataset: str, split: str) -> list[str]:
-    """Review texts of an IMDb-like data set ("text" column): a hub name or a local folder made by
-    `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a folder of {split}.jsonl files."""
+    """Review texts of an IMDb-like data set ("text" column, cleaned by clean_review): a hub name or a
+    local folder made by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
     import datasets
 
     folder = Path(dataset)
@@ -412,7 +431,7 @@ def _hub_reviews(dataset: str, split: str) -> list[str]:
         data = datasets.load_from_disk(str(folder))
     else:
         data = datasets.load_dataset(dataset, split=hub_split)
-    texts = [t.replace("<br />", " ").strip() for t in data["text"]]
+    texts = [clean_review(t) for t in data["text"]]
     if split != "train":  # IMDb has no validation split: the test split is halved
         half = len(texts) // 2
         texts = texts[:half] if split == "validation" else texts[half:]
@@ -432,7 +451,8 @@ def load_reviews(preset=None, split: str = "train") -> list[str]:
 
 
 def load_prompts(preset=None, split: str = "test", n: int | None = None) -> list[str]:
-    """Prompts (the first 2 to 6 words of reviews) of the preset's world: "train" or "test"."""
+    """Prompts of the preset's world, "train" or "test": the first 2 to 6 words of the world's
+    reviews, or the first 2 to 8 tokens (the preset's tokenizer) of an IMDb-like data set's."""
     from dpo_teach.presets import get_preset
 
     preset = preset or get_preset()
@@ -443,6 +463,9 @@ def load_prompts(preset=None, split: str = "test", n: int | None = None) -> list
     else:
         _, count, seed = PROMPT_SETS[f"prompts_{split}"]
         rng = random.Random(seed)
+        from dpo_teach.models import load_tokenizer
+
+        tokenizer = load_tokenizer(preset)
         texts = [t for t in load_reviews(preset, split) if len(t.split()) > MAX_PROMPT_WORDS]
-        prompts = [make_prompt(t, rng)["prompt"] for t in rng.sample(texts, min(count, len(texts)))]
+        prompts = [token_prompt(t, tokenizer, rng) for t in rng.sample(texts, min(count, len(texts)))]
     return prompts[:n] if n is not None else prompts

@@ -507,8 +507,21 @@ SWEEPS = {name: settings.sweep for name, settings in SETTINGS.items()}
 LIVE_SWEEPS = {name: settings.live_sweep for name, settings in SETTINGS.items()}
 
 
-def test_tiny_sweep_is_smaller_than_the_gpt2_sweep():
-    tiny, full = SWEEPS["tiny"], SWEEPS["gpt2"]
+def test_the_gpt2_default_sweep_is_a_reduced_paper_grid():
+    """On the GPU preset notebook 09 runs settings.sweep by default: settings from the paper's grid
+    (settings.paper_sweep, the opt-in), fewer of them, shorter runs."""
+    default, paper = SWEEPS["gpt2"], SETTINGS["gpt2"].paper_sweep
+    for name in ("dpo_betas", "ppo_kl_coefs", "ppo_target_kls", "ppo_gt_kl_coefs", "seeds", "best_of_n"):
+        assert set(getattr(default, name)) <= set(getattr(paper, name)), name
+    for name in ("dpo_steps", "ppo_steps", "preferred_ft_steps", "eval_prompts", "ideal_samples"):
+        assert 0 < getattr(default, name) < getattr(paper, name), name
+    assert 0.1 in default.dpo_betas and 0.1 in default.ppo_kl_coefs and 0.1 in default.ppo_gt_kl_coefs, \
+        "notebook 09 compares DPO at beta 0.1 with PPO and PPO-GT at 0.1"
+    assert SETTINGS["tiny"].paper_sweep is None, "the tiny preset's sweep is committed"
+
+
+def test_tiny_sweep_is_smaller_than_the_paper_grid():
+    tiny, full = SWEEPS["tiny"], SETTINGS["gpt2"].paper_sweep
     for name in ("dpo_betas", "ppo_kl_coefs", "ppo_target_kls", "ppo_gt_kl_coefs", "seeds", "best_of_n"):
         assert 0 < len(getattr(tiny, name)) <= len(getattr(full, name)), name
     for name in ("dpo_steps", "ppo_steps", "preferred_ft_steps", "eval_prompts"):

@@ -81,7 +81,7 @@ def test_gpt2_preset_loads_from_local_folders(local_gpt2_world):
     assert len(train) == 30 and "<br />" not in train[0]
     assert len(world.load_reviews(preset, "validation")) == 5 and len(world.load_reviews(preset, "test")) == 5
     prompts = world.load_prompts(preset, "train")
-    assert 0 < len(prompts) <= 30 and all(2 <= len(p.split()) <= 6 for p in prompts)
+    assert 0 < len(prompts) <= 30 and all(2 <= len(tok(p)["input_ids"]) <= 8 for p in prompts), "2 to 8 tokens"
     assert prompts == world.load_prompts(preset, "train"), "prompts are seeded"
 
 
