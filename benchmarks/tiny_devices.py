@@ -7,7 +7,9 @@ and on every accelerator present (CUDA; mps where it exists), in one run:
   (sample) sampling one 40-token response for each of 64 prompts (dpo_teach.sampling.generate), the
            cost of building pairs, of PPO's rollouts and of every evaluation;
 and prints the median seconds of each after warm-up and the ratio accelerator / CPU (below 1: the
-accelerator is faster). The tiny preset's default device (presets.find_device) follows from it.
+accelerator is faster). Each device runs in its default arithmetic (training.default_precision):
+float32 on the CPU, bfloat16 autocast on a recent GPU. The README ("On a GPU") gives the numbers of
+one run and why the tiny preset's default device stays the CPU all the same.
 
     python benchmarks/tiny_devices.py --threads 2
 """

@@ -6,8 +6,8 @@ checks it with `claim(condition, message)`: an assert that says what was claimed
 
 Assertions about shapes, identities and conventions stay plain `assert`s: they hold for any model.
 The difference matters in one place, the rehearsal of the GPU preset (dpo_teach.rehearse), which
-runs every notebook on a GPT-2 with random weights and, on a CPU, with every size scaled down: too
-little training for results to hold, enough to reach every line of code. It sets
+runs every notebook on a briefly pretrained stand-in GPT-2 and, on a CPU, with every size scaled
+down: too little training for every result to hold, enough to reach every line of code. It sets
 DPO_TEACH_REHEARSAL=1, and there a claim that does not hold is counted and printed instead of
 raised. Everywhere else, a claim that does not hold raises AssertionError.
 """

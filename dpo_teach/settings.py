@@ -222,14 +222,13 @@ SETTINGS = {
                                seeds=(0,), best_of_n=(2, 4, 8), dpo_steps=40, dpo_eval_every=20, ppo_steps=16,
                                ppo_eval_every=8, preferred_ft_steps=20, eval_prompts=128, samples_per_prompt=1),
     ),
-    # GPU, GPT-2 (124M) on IMDb reviews, sized for a Colab T4 (16 GB): each notebook within 20
-    # minutes, the whole course within 2 hours, peak GPU memory under 14 GB (README, "On a GPU": the
-    # times measured by `python -m dpo_teach.rehearse` and how the T4's were estimated from them).
-    # The model is pretrained, so every stage needs far fewer steps than the tiny one from scratch.
+    # GPU, GPT-2 (124M) on IMDb reviews. Targets, set by estimate and not yet verified by a GPU run
+    # (README, "On a GPU"): on a Colab T4 (16 GB) each notebook within 20 minutes, the whole course
+    # within 2 hours, peak GPU memory under 14 GB. `python -m dpo_teach.rehearse` on a GPU measures them.
     "gpt2": Settings(
         max_prompt_tokens=GPT2_PROMPT_TOKENS, max_response_tokens=GPT2_RESPONSE_TOKENS,
         max_new_tokens=GPT2_NEW_TOKENS,
-        eval_prompts=256,  # twice the tiny preset's: a standard error of about 0.03 on a mean reward
+        eval_prompts=256,  # twice the tiny preset's held-out prompts
         # the smaller learning rate of a pretrained 124M model; 600 x 32 = 19,200 reviews, about
         # three quarters of one pass over IMDb's 25,000 training reviews
         sft=SFTConfig(num_steps=600, batch_size=32, lr=5e-5, warmup_steps=50, eval_every=200,
@@ -249,13 +248,15 @@ SETTINGS = {
         # notebook 10: each variant reads 100 x 32 = 3,200 pairs once; online DPO 4 rounds of 256 prompts
         variants=VariantsConfig(num_steps=100, batch_size=32, online_rounds=4, prompts_per_round=256),
         # what notebook 09 runs on a GPU by default (within the T4 budget): two betas, two KL
-        # coefficients, PPO-GT, two seeds, short runs, an ideal frontier from 16 samples per prompt
+        # coefficients, PPO-GT, two seeds, short runs (PPO: 20 rollout batches, a third of notebook
+        # 07's), an ideal frontier from 16 samples per prompt
         sweep=SweepConfig(dpo_betas=(0.1, 1.0), ppo_kl_coefs=(0.05, 0.1), ppo_target_kls=(), ppo_gt_kl_coefs=(0.1,),
                           seeds=(0, 1), best_of_n=(2, 4, 16), dpo_steps=150, dpo_eval_every=50, ppo_steps=20,
                           ppo_eval_every=5, preferred_ft_steps=100, eval_prompts=128, samples_per_prompt=1,
                           ideal_samples=16, ppo_kl_horizon=1280),
-        # the paper's grid (four betas, four KL coefficients, two targets, PPO-GT, three seeds): hours
-        # on a T4, an opt-in of notebook 09 (DPO_TEACH_FULL_SWEEP=1, or `python -m dpo_teach.sweep --full`)
+        # a grid modelled on the paper's (its four betas, four KL coefficients, two KL targets, PPO-GT,
+        # three seeds): many hours on a T4, an opt-in of notebook 09 (DPO_TEACH_FULL_SWEEP=1, or
+        # `python -m dpo_teach.sweep --preset gpt2 --full`)
         paper_sweep=SweepConfig(dpo_betas=(0.05, 0.1, 1.0, 5.0), ppo_kl_coefs=(0.02, 0.05, 0.1, 0.2),
                                 ppo_target_kls=(6.0, 12.0), ppo_gt_kl_coefs=(0.05, 0.1), seeds=(0, 1, 2),
                                 best_of_n=(2, 4, 16, 64), dpo_steps=600, dpo_eval_every=100, ppo_steps=200,

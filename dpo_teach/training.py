@@ -26,11 +26,14 @@ A run continued over several calls (online DPO's rounds) numbers its steps on, f
 "seconds", "sequences" and "tokens" count from the start of each call.
   "eval/<m>"    evaluate()'s number m at those points (e.g. "eval/perplexity", "eval/loss")
 
-Precision. On a CPU everything runs in float32. On a CUDA GPU the forward passes of training,
-sampling and evaluation run under autocast (`autocast(device)`): bfloat16 where the GPU supports it,
-else float16 with a gradient scaler (`GradScaler`) against underflow, e.g. on a T4. The weights and
-the optimizer's state stay float32, and every log-probability, loss and KL is computed in float32
-from upcast logits. DPO_TEACH_PRECISION ("float32", "bfloat16", "float16") overrides the default.
+Precision. On a CPU everything runs in float32. On a CUDA GPU the forward passes of training, of
+sampling and of the evaluations run during training (record_eval) run under autocast
+(`autocast(device)`): bfloat16 on GPUs that have it in hardware (compute capability 8 and later:
+A100, L4, H100), else float16 with a gradient scaler (`GradScaler`) against underflow, e.g. on a T4.
+The weights and the optimizer's state stay float32, the heads (LM, value, reward) run in float32, so
+every log-probability, loss and KL is float32. Evaluations called outside training (e.g. KL and
+perplexity in a notebook cell) run in float32. DPO_TEACH_PRECISION ("float32", "bfloat16",
+"float16") overrides the default.
 """
 
 from __future__ import annotations
@@ -56,15 +59,15 @@ PRECISION_ENV = "DPO_TEACH_PRECISION"
 
 def default_precision(device: str | torch.device) -> str:
     """The arithmetic of forward passes on `device`: $DPO_TEACH_PRECISION if set; else on CUDA
-    "bfloat16" where the GPU supports it (Ampere and later) and "float16" where not (a T4); else
-    "float32" (CPU, mps)."""
+    "bfloat16" where the GPU has it in hardware (Ampere and later) and "float16" where not (a T4,
+    which would only emulate bfloat16); else "float32" (CPU, mps)."""
     chosen = os.environ.get(PRECISION_ENV)
     if chosen:
         if chosen not in PRECISIONS:
             raise ValueError(f"{PRECISION_ENV}={chosen!r}: choose one of {PRECISIONS}")
         return chosen
-    if torch.device(device).type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if torch.device(device).type == "cuda":  # bfloat16 in hardware from compute capability 8 (Ampere) on
+        return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
     return "float32"
 
 

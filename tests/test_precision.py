@@ -25,11 +25,12 @@ def test_float32_is_the_default_on_the_cpu(monkeypatch):
     assert grad_scaler("cpu") is None
 
 
-@pytest.mark.parametrize("bf16, expected", [(True, "bfloat16"), (False, "float16")])
-def test_cuda_defaults_to_mixed_precision(monkeypatch, bf16, expected):
-    """Ampere and later GPUs get bfloat16; a T4 (no bfloat16) gets float16."""
+@pytest.mark.parametrize("capability, expected", [((9, 0), "bfloat16"), ((8, 0), "bfloat16"), ((7, 5), "float16")])
+def test_cuda_defaults_to_mixed_precision(monkeypatch, capability, expected):
+    """Ampere and later GPUs (H100 9.0, A100 8.0) get bfloat16; a T4 (7.5: bfloat16 only emulated)
+    gets float16."""
     monkeypatch.delenv(PRECISION_ENV, raising=False)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: capability)
     assert default_precision("cuda") == expected
     assert default_precision(torch.device("cuda", 0)) == expected
 
