@@ -14,7 +14,7 @@ default that bounds a length refers to them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 from dpo_teach.training import TrainConfig
 
@@ -289,8 +289,8 @@ def _scaled_run(config, factor: float):
 def _scaled_sweep(sweep: SweepConfig | None, factor: float) -> SweepConfig | None:
     if sweep is None:
         return None
-    counts = {f.name: _count(getattr(sweep, f.name), factor, 2) for f in fields(sweep)
-              if f.name in ("dpo_steps", "ppo_steps", "preferred_ft_steps", "eval_prompts", "ppo_kl_horizon")}
+    counts = {name: _count(getattr(sweep, name), factor, 2)
+              for name in ("dpo_steps", "ppo_steps", "preferred_ft_steps", "eval_prompts", "ppo_kl_horizon")}
     counts["dpo_eval_every"] = _count(sweep.dpo_eval_every * counts["dpo_steps"] / sweep.dpo_steps, 1, 1)
     counts["ppo_eval_every"] = _count(sweep.ppo_eval_every * counts["ppo_steps"] / sweep.ppo_steps, 1, 1)
     counts["ideal_samples"] = _count(sweep.ideal_samples, factor, 2) if sweep.ideal_samples else 0
