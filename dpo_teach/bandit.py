@@ -241,3 +241,43 @@ def train_tabular_dpo(
 
     optimizer.step(closure)
     return torch.softmax(logits.detach(), dim=-1)
+
+
+# ---- When the data pin the optimum down, and rankings (notebook 03) ---------------------------------
+
+
+def comparison_reachability(counts: Tensor) -> Tensor:
+    """reach[x, i, j]: a chain of observed wins leads from response i to j. counts (P, K, K) -> (P, K, K) bool.
+
+    counts is win_counts(...): i reaches j when i beat j, or i beat some k that beat j, and so on;
+    every response reaches itself. A prompt's comparison graph is strongly connected when reach is
+    all True: then its Bradley-Terry MLE exists and is unique up to a constant (Ford 1957). When j
+    reaches i but i does not reach j, the responses that i reaches never beat any response outside
+    them, so lowering all their rewards together raises the likelihood without end: the fit sends
+    pi(i|x) / pi(j|x) to 0.
+    """
+    num_responses = counts.shape[-1]
+    reach = (counts > 0) | torch.eye(num_responses, dtype=torch.bool)  # (P, K, K): at most one step
+    for _ in range(max(1, (num_responses - 1).bit_length())):  # squaring doubles the chain length
+        reach = (reach.double() @ reach.double()) > 0
+    return reach
+
+
+def sample_rankings(reward: Tensor, num_rankings: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Full rankings of all K responses from the Plackett-Luce model of `reward` (Plackett 1975; Luce 1959).
+
+    Prompt uniform; the ranking lists the responses from best to worst. Plackett-Luce picks the
+    first response with probability softmax(r), the next from the rest in the same way, and so on;
+    sorting the rewards perturbed by independent standard Gumbel noise draws exactly such a ranking
+    (Yellott 1977). Returns prompt (N,) and ranking (N, K), both long.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    num_prompts, num_responses = reward.shape
+    prompt = torch.randint(num_prompts, (num_rankings,), generator=generator)  # (N,)
+    uniform = torch.rand(num_rankings, num_responses, generator=generator, dtype=reward.dtype)
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(reward.dtype).tiny)))  # (N, K)
+    ranking = torch.argsort(reward[prompt] + gumbel, dim=-1, descending=True)  # (N, K)
+    return prompt, ranking
+
+
+__all__ += ["comparison_reachability", "sample_rankings"]
