@@ -56,6 +56,7 @@ IDENTICAL = [
     (NB05, "dpo_teach.sft", "sft_loss"),
     (NB06, "dpo_teach.reward", "last_token_index"),
     (NB06, "dpo_teach.reward", "bradley_terry_loss"),
+    (NB08, "dpo_teach.dpo", "dpo_batch_loss"),
     (NB09, "dpo_teach.frontier", "best_of_n_rewards"),
 ]
 

@@ -7,7 +7,9 @@ What lives where:
   inputs, gradients) and the random-input makers shared by several notebooks;
 - `nb00.py` ... `nb10.py`: the checks of one notebook each (00 the warm-up, 01 Bradley-Terry,
   02 the KL-regularised objective, 03 DPO's loss, 04 masks and sampling, 05 SFT, 06 the reward
-  model, 07 PPO, 08 DPO on a language model, 09 the frontier, 10 beyond DPO).
+  model, 07 PPO, 08 DPO on a language model, 09 the frontier, 10 beyond DPO);
+- `steps.py`: the training steps the learner writes (05 SFT, 06 the reward model, 08 DPO), run
+  from the same model as the reference step and compared step by step, parameters included.
 
 Every check is re-exported here, so a notebook writes `from dpo_teach import checks` and calls
 `checks.check_something(function)`. A check's module is imported when the check is first used, so
@@ -19,8 +21,9 @@ import importlib
 _MODULE_OF = {  # public name -> the module of dpo_teach.checks that defines it
     **dict.fromkeys(["Case", "Extreme", "Inputs", "Mistake", "compare_with_reference"], "engine"),  # for a new check
     "check_preferred": "nb00",
-    **dict.fromkeys(["check_bt_nll", "check_bt_probability"], "nb01"),
-    **dict.fromkeys(["check_kl_divergence", "check_optimal_policy", "check_rlhf_objective"], "nb02"),
+    **dict.fromkeys(["check_bt_nll", "check_bt_probability", "check_flip_nll"], "nb01"),
+    **dict.fromkeys(["check_kl_divergence", "check_objective_gradient", "check_optimal_policy",
+                     "check_rlhf_objective"], "nb02"),
     **dict.fromkeys(["check_dpo_loss", "check_implicit_reward", "check_plackett_luce_dpo_loss",
                      "check_reward_projection", "check_rlhf_route"], "nb03"),
     **dict.fromkeys(["check_loss_mask", "check_top_k"], "nb04"),
@@ -30,6 +33,8 @@ _MODULE_OF = {  # public name -> the module of dpo_teach.checks that defines it
     **dict.fromkeys(["check_concatenated_logps", "check_reward_accuracy"], "nb08"),
     **dict.fromkeys(["check_best_of_n_rewards", "check_on_frontier"], "nb09"),
     **dict.fromkeys(["check_ipo_loss", "check_log_odds"], "nb10"),
+    **dict.fromkeys(["check_dpo_batch_loss", "check_dpo_step", "check_reward_model_step", "check_sft_step",
+                     "check_training_step", "StepCase"], "steps"),  # the training steps of 05, 06, 08
 }
 
 __all__ = list(_MODULE_OF)
