@@ -1,19 +1,29 @@
-"""Exercise checks of notebook 01 (preferences and Bradley-Terry): `bt_probability` and `bt_nll`.
+"""Exercise checks of notebook 01 (preferences and Bradley-Terry): `bt_probability`, `bt_nll` and
+`flip_nll` (the likelihood of the label-flip model).
 
 Built on dpo_teach.checks.engine (`compare_with_reference`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from dpo_teach import bandit
-from dpo_teach.checks.engine import Case, Extreme, Inputs, Mistake, compare_with_reference, randn
+from dpo_teach.checks.engine import (
+    Case,
+    Extreme,
+    Inputs,
+    Mistake,
+    compare_with_reference,
+    randn,
+    uniform,
+)
 
-__all__ = ["check_bt_nll", "check_bt_probability"]
+__all__ = ["check_bt_nll", "check_bt_probability", "check_flip_nll"]
 
 
 def _reward_pairs(generator: torch.Generator) -> Inputs:
@@ -105,3 +115,65 @@ def check_bt_nll(bt_nll: Callable) -> None:
         ],
     )
     compare_with_reference(bt_nll, case)
+
+
+def _flip_nll(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor, eps: float) -> torch.Tensor:
+    """-log(eps + (1 - 2 eps) sigma(r_w - r_l)), in log space so that eps = 0 gives bt_nll exactly."""
+    logsig = F.logsigmoid(reward_chosen - reward_rejected)
+    log_eps = torch.full_like(logsig, math.log(eps) if eps > 0 else -math.inf)
+    return -torch.logaddexp(log_eps, math.log1p(-2 * eps) + logsig)
+
+
+def _flip_inputs(generator: torch.Generator) -> Inputs:
+    return {**_reward_pairs(generator), "eps": uniform(generator, 0.02, 0.45)}
+
+
+def check_flip_nll(flip_nll: Callable) -> None:
+    """Check flip_nll(reward_chosen, reward_rejected, eps) -> -log(eps + (1 - 2 eps) sigma(r_w - r_l))."""
+    case = Case(
+        name="flip_nll",
+        reference=_flip_nll,
+        make_inputs=_flip_inputs,
+        shape_hint="Return one loss per comparison, shape (N,).",
+        mistakes=[
+            Mistake(
+                "the label-smoothed loss -(1 - eps) log sigma(d) - eps log sigma(-d) (conservative DPO's "
+                "loss), which is a different model",
+                lambda rw, rl, eps: -(1 - eps) * F.logsigmoid(rw - rl) - eps * F.logsigmoid(rl - rw),
+                "Label smoothing averages two log-likelihoods. The flip model has one probability of what "
+                "was observed, eps + (1 - 2 eps) sigma(d): take -log of that mixture.",
+            ),
+            Mistake(
+                "eps is ignored (this is the plain Bradley-Terry loss)",
+                lambda rw, rl, eps: -F.logsigmoid(rw - rl),
+                "With flips, the label 'y_w preferred' has probability eps + (1 - 2 eps) sigma(r_w - r_l).",
+            ),
+            Mistake(
+                "the weight of sigma is (1 - eps) instead of (1 - 2 eps)",
+                lambda rw, rl, eps: -torch.log(eps + (1 - eps) * torch.sigmoid(rw - rl)),
+                "(1 - eps) sigma(d) + eps (1 - sigma(d)) = eps + (1 - 2 eps) sigma(d): "
+                "the flipped labels take eps * sigma(d) away.",
+            ),
+            Mistake(
+                "the chosen and rejected rewards are swapped",
+                lambda rw, rl, eps: _flip_nll(rl, rw, eps),
+                "The observed label is 'y_w preferred': its probability grows with r_w - r_l.",
+            ),
+            Mistake(
+                "the minus sign is missing (this is the log-likelihood, not its negative)",
+                lambda rw, rl, eps: -_flip_nll(rw, rl, eps),
+                "A negative log-likelihood is >= 0.",
+            ),
+        ],
+        extremes=[
+            Extreme(
+                "eps = 0 and margins of +-10,000",
+                {**_huge_margins(), "eps": 0.0},
+                "With eps = 0 the loss is bt_nll, and log(sigmoid(-10000)) = log(0) = -inf. Stay in log "
+                "space: log(eps + (1 - 2 eps) sigma(d)) = torch.logaddexp(log eps, log(1 - 2 eps) + "
+                "logsigmoid(d)), with log 0 = -inf allowed for the first term.",
+            )
+        ],
+        grad_inputs=("reward_chosen", "reward_rejected"),
+    )
+    compare_with_reference(flip_nll, case)

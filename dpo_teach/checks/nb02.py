@@ -1,5 +1,5 @@
 """Exercise checks of notebook 02 (the RLHF objective and its optimum): `kl_divergence`,
-`rlhf_objective` and `optimal_policy`.
+`rlhf_objective`, `objective_gradient` (the first-order condition) and `optimal_policy`.
 
 Built on dpo_teach.checks.engine (`compare_with_reference`).
 """
@@ -25,6 +25,7 @@ from dpo_teach.checks.engine import (
 __all__ = [
     "ZERO_LOG_ZERO_HINT",
     "check_kl_divergence",
+    "check_objective_gradient",
     "check_optimal_policy",
     "check_rlhf_objective",
 ]
@@ -225,3 +226,46 @@ def check_optimal_policy(optimal_policy: Callable) -> None:
         ],
     )
     compare_with_reference(optimal_policy, case)
+
+
+def _objective_gradient(policy: Tensor, pi_ref: Tensor, reward: Tensor, beta: float) -> Tensor:
+    """dJ/dpi(y) = r(y) - beta (log(pi(y) / pi_ref(y)) + 1), each pi(y) a free variable."""
+    return reward - beta * (torch.log(policy) - torch.log(pi_ref) + 1)
+
+
+def check_objective_gradient(objective_gradient: Callable) -> None:
+    """Check objective_gradient(policy, pi_ref, reward, beta) -> dJ_x / dpi(y|x), shape (P, K)."""
+    case = Case(
+        name="objective_gradient",
+        reference=_objective_gradient,
+        make_inputs=_policy_problem,
+        shape_hint="One partial derivative per (prompt, response): the same shape as the policy, (P, K).",
+        mistakes=[
+            Mistake(
+                "the +1 from differentiating pi log pi is missing",
+                lambda p, q, r, beta: r - beta * (torch.log(p) - torch.log(q)),
+                "d/dp [p log(p / q)] = log(p / q) + 1 (product rule): the p in front also depends on p.",
+            ),
+            Mistake(
+                "beta is missing",
+                lambda p, q, r, beta: r - (torch.log(p) - torch.log(q) + 1),
+                "The KL term is beta * sum_y pi(y) log(pi(y) / pi_ref(y)): beta multiplies its derivative.",
+            ),
+            Mistake(
+                "the log-ratio is upside down, log(pi_ref / pi)",
+                lambda p, q, r, beta: r - beta * (torch.log(q) - torch.log(p) + 1),
+                "The KL is sum_y pi(y) log(pi(y) / pi_ref(y)), the policy on top.",
+            ),
+            Mistake(
+                "the KL term is added instead of subtracted",
+                lambda p, q, r, beta: r + beta * (torch.log(p) - torch.log(q) + 1),
+                "J = E_pi[r] - beta KL: the derivative of the penalty comes with a minus sign.",
+            ),
+            Mistake(
+                "every term is still weighted by pi(y)",
+                lambda p, q, r, beta: p * (r - beta * (torch.log(p) - torch.log(q) + 1)),
+                "Differentiate with respect to pi(y): d/dpi(y) [pi(y) r(y)] = r(y), the weight goes away.",
+            ),
+        ],
+    )
+    compare_with_reference(objective_gradient, case)
