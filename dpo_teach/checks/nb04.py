@@ -40,6 +40,10 @@ def check_loss_mask(loss_mask_from_lengths: Callable) -> None:
             Mistake("the mask is one position too early (it includes the last prompt token)",
                     lambda p, r, w: loss_mask(p - 1, r, w),
                     "Position t of the loss mask marks token t itself; sequence_logps does the shift."),
+            Mistake("the mask is one position too late (it leaves out the first response token and "
+                    "covers the first padding position)",
+                    lambda p, r, w: loss_mask(p + 1, r, w),
+                    "Positions count from 0: the first response token sits at position prompt_length."),
             Mistake("the last response token (EOS) is left out",
                     lambda p, r, w: loss_mask(p, r - 1, w),
                     "The response's EOS is scored too: the model must learn where a response ends."),

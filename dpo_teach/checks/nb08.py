@@ -37,18 +37,19 @@ def _tiny_lm_batch(generator: torch.Generator) -> Inputs:
 
 
 def _pair_logps(model, batch, average=False):
+    """The reference: (chosen_logps, rejected_logps), with their graph to the model's parameters."""
     from dpo_teach.dpo import pair_logps
 
-    with torch.no_grad():
-        return pair_logps(model, batch, average=average)
+    return pair_logps(model, batch, average=average)
 
 
 def check_concatenated_logps(concatenated_logps: Callable) -> None:
     """Check concatenated_logps(model, batch) -> (chosen_logps, rejected_logps), each (B,), from
-    one forward pass over a batch whose first half holds the chosen rows."""
+    one forward pass over a batch whose first half holds the chosen rows. DPO trains on both: each
+    must keep its graph to the model's parameters (the gradient of its sum is compared), and neither
+    the batch nor the model's weights may change."""
     def unshifted(model, batch):  # scoring token t with the logits at t, not t - 1
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         token_logps = torch.gather(logits.log_softmax(-1), 2, batch["labels"].unsqueeze(2)).squeeze(2)
         return ((token_logps * batch["loss_mask"]).sum(-1)).chunk(2)
 
@@ -62,6 +63,7 @@ def check_concatenated_logps(concatenated_logps: Callable) -> None:
         make_inputs=_tiny_lm_batch,
         output_names=("chosen_logps", "rejected_logps"),
         shape_hint="Return two tensors of shape (B,): the first half of the rows are the chosen responses.",
+        grad_inputs=("model",),  # both log-probs are trained on: their gradients reach every weight
         num_trials=3,
         rtol=1e-4,
         atol=1e-5,

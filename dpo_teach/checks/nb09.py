@@ -60,28 +60,42 @@ def check_best_of_n_rewards(best_of_n_rewards: Callable) -> None:
 
 
 def _frontier_inputs(generator: torch.Generator) -> Inputs:
-    num = 12
+    """Random points, plus ties on the frontier: a copy of a frontier point (both copies stay on it),
+    a point with a frontier point's KL and a little less reward, and one with its reward and a little
+    more KL (both off it: that point beats them), in a random order."""
+    num = 10
     kls = randn(generator, num).abs() * 4
     rewards = 0.2 * kls.sqrt() + 0.2 * randn(generator, num)
-    rewards[-1] = rewards[0]  # a tie in reward: the point with the larger KL is not on the frontier
-    kls[-1] = kls[0] + 1.0
-    return {"kls": kls, "rewards": rewards}
+    front = _frontier.on_frontier(kls, rewards).bool().nonzero().flatten()
+    i, j = front[torch.randint(0, len(front), (2,), generator=generator)].tolist()
+    kls = torch.cat([kls, kls[[i, j]], kls[j:j + 1] + 0.01])
+    rewards = torch.cat([rewards, rewards[i:i + 1], rewards[j:j + 1] - 0.01, rewards[j:j + 1]])
+    order = torch.randperm(len(kls), generator=generator)
+    return {"kls": kls[order], "rewards": rewards[order]}
 
 
 def check_on_frontier(on_frontier: Callable) -> None:
     """Check on_frontier(kls, rewards) -> (M,) bool: True for the points that no other point beats,
-    i.e. no point has a KL as low or lower AND a reward as high or higher (and is better in one)."""
+    i.e. no point has a KL as low or lower AND a reward as high or higher, and is better in one.
+    The random points include copies of a point and ties in one coordinate."""
     def best_only(kls, rewards):
         return (rewards == rewards.max()).to(rewards.dtype)
 
     def lower_frontier(kls, rewards):
         return _frontier.on_frontier(kls, -rewards)
 
-    def ignores_ties(kls, rewards):
-        no_more_kl = kls.unsqueeze(0) < kls.unsqueeze(1)
-        more_reward = rewards.unsqueeze(0) > rewards.unsqueeze(1)
-        return (~(no_more_kl & more_reward).any(dim=1)).to(rewards.dtype)
+    def unbeaten(kls, rewards, strict_kl: bool, strict_reward: bool, self_too: bool):
+        """[i]: no point j beats point i, when beating is written with these comparisons."""
+        less_kl = kls.unsqueeze(0) < kls.unsqueeze(1) if strict_kl else kls.unsqueeze(0) <= kls.unsqueeze(1)
+        more_reward = (rewards.unsqueeze(0) > rewards.unsqueeze(1) if strict_reward
+                       else rewards.unsqueeze(0) >= rewards.unsqueeze(1))
+        beats = less_kl & more_reward
+        if not self_too:
+            beats &= ~torch.eye(len(kls), dtype=torch.bool)
+        return (~beats.any(dim=1)).to(rewards.dtype)
 
+    strict = ("Point j beats point i only if it is at least as good in both AND strictly better in one: "
+              "kl_j <= kl_i and r_j >= r_i and (kl_j < kl_i or r_j > r_i).")
     case = Case(
         name="on_frontier",
         reference=_frontier.on_frontier,
@@ -92,8 +106,20 @@ def check_on_frontier(on_frontier: Callable) -> None:
                     "A point with less reward can still be on the frontier if it costs less KL."),
             Mistake("it finds the lower frontier (lowest reward), not the upper one", lower_frontier,
                     "Better means more reward for the same or less KL."),
-            Mistake("a point is only beaten by one with strictly less KL and strictly more reward", ignores_ties,
-                    "A point with the same reward at a larger KL is beaten too: use <= and >=, with one of them strict."),
+            Mistake("a point is beaten by any point at least as good in both coordinates, so two copies "
+                    "of the same point knock each other off the frontier",
+                    lambda k, r: unbeaten(k, r, False, False, self_too=False), strict),
+            Mistake("every point beats itself (it is at least as good as itself in both coordinates), so "
+                    "no point is on the frontier",
+                    lambda k, r: unbeaten(k, r, False, False, self_too=True), strict),
+            Mistake("a point is only beaten by one with strictly less KL and strictly more reward",
+                    lambda k, r: unbeaten(k, r, True, True, self_too=True),
+                    "A point with the same KL and less reward, or the same reward and more KL, is beaten too. "
+                    + strict),
+            Mistake("a point with the same KL and less reward is not beaten (< where <= belongs on the KL)",
+                    lambda k, r: unbeaten(k, r, True, False, self_too=False), strict),
+            Mistake("a point with the same reward and more KL is not beaten (> where >= belongs on the reward)",
+                    lambda k, r: unbeaten(k, r, False, True, self_too=False), strict),
         ],
     )
     compare_with_reference(on_frontier, case)
