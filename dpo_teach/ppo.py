@@ -47,8 +47,9 @@ from dpo_teach.utils import (
 from dpo_teach.world import oracle_reward
 
 __all__ = ["PPOConfig", "PolicyWithValueHead", "RewardFn", "Rollout", "entropy_from_logits", "gae", "kl_k1", "kl_k3",
-           "kl_penalty_rewards", "masked_mean", "oracle_fn", "pack_right", "policy_loss", "ppo_update",
-           "response_logits_and_values", "reward_model_fn", "rollout", "token_logps", "train_ppo",
+           "kl_penalty_rewards", "masked_mean", "oracle_fn", "pack_right", "policy_loss", "ppo_minibatch_steps",
+           "ppo_step", "ppo_update", "response_logits_and_values", "reward_model_fn", "rollout", "rollout_evaluator",
+           "token_logps", "train_ppo",
            "update_kl_coef", "value_loss", "whiten"]
 
 
@@ -359,7 +360,7 @@ def rollout(model: PolicyWithValueHead, ref_model: nn.Module, reward_fn: RewardF
     return Rollout(generation, logps.cpu(), ref_logps.cpu(), (values * mask).cpu(), scores)
 
 
-def _rows(rollout: Rollout, index: Tensor) -> tuple[Tensor, ...]:
+def _rows(rollout: Rollout, index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Some rows of a rollout, with the all-padding columns at the left of the prompts and at
     the right of the responses trimmed (less to compute on a CPU; the result does not change)."""
     g = rollout.generation
@@ -367,43 +368,101 @@ def _rows(rollout: Rollout, index: Tensor) -> tuple[Tensor, ...]:
     response_ids, response_mask = g.response_ids[index], g.response_mask[index]
     first = int((prompt_mask.sum(0) > 0).nonzero().min())
     width = int(response_mask.sum(1).max())
-    return (prompt_ids[:, first:], prompt_mask[:, first:], response_ids[:, :width], response_mask[:, :width],
-            rollout.logps[index, :width], rollout.values[index, :width])
+    return prompt_ids[:, first:], prompt_mask[:, first:], response_ids[:, :width], response_mask[:, :width]
 
 
-def ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, rollout: Rollout, advantages: Tensor,
-               returns: Tensor, config: PPOConfig, generator: torch.Generator | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
-    """num_epochs passes over the rollout in num_minibatches shuffled minibatches, one gradient step
-    each on  policy_loss + vf_coef * value_loss - entropy_coef * entropy. Returns mean statistics.
-    The forward passes run under autocast(device, config.precision); scaler: float16's (training.grad_scaler)."""
-    num = len(rollout.scores)
-    if num % config.num_minibatches:
-        raise ValueError(f"batch_size {num} is not divisible by num_minibatches {config.num_minibatches}")
-    device = next(model.parameters()).device
-    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clip_fraction",
-                                                    "approx_kl", "value_clip_fraction")}
-    # the model stays in eval mode: with dropout off (docs/conventions.md) train and eval mode compute the same
+Evaluate = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]  # rows -> (logps, values, entropy), each (b, width)
+
+
+def ppo_minibatch_steps(evaluate, model, optimizer, old_logps, old_values, advantages, returns, mask, config,
+                        generator=None, scaler=None):
+    """PPO's update on one rollout batch of B rows, whatever computes the log-probs and the values.
+
+    evaluate(index) -> (logps, values, entropy) of the current policy on the rows `index`, each
+    (b, width) with gradients: log pi(y_t|s_t) of the sampled tokens, V(s_t) and H(pi(.|s_t)). It may
+    trim padding columns at the right (width <= T); the other tensors are cut to match.
+    old_logps, old_values, advantages (raw, from GAE), returns, mask: (B, T), recorded at rollout time.
+    The advantages are whitened here, once over the valid tokens of the whole batch (not per
+    minibatch), when config.whiten_advantages. Then num_epochs passes, each over num_minibatches
+    minibatches of shuffled rows (the order drawn from `generator`), one gradient step each on
+    policy_loss + vf_coef * value_loss - entropy_coef * entropy (training.gradient_step: zero_grad,
+    backward, clip the gradient norm of `model`, step). Returns the mean over the steps of
+    policy_loss, value_loss, entropy, clip_fraction, approx_kl and value_clip_fraction (floats).
+    """
+    ### BEGIN SOLUTION
+    if config.whiten_advantages:
+        advantages = whiten(advantages, mask)  # once per batch, over its valid tokens only
+    stats = {key: [] for key in ("policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl",
+                                 "value_clip_fraction")}
     for _ in range(config.num_epochs):
-        for index in torch.randperm(num, generator=generator).chunk(config.num_minibatches):
-            prompt_ids, prompt_mask, response_ids, response_mask, old_logps, old_values = _rows(rollout, index)
-            width = response_ids.shape[1]
-            with autocast(device, config.precision):
-                logits, values = response_logits_and_values(model, prompt_ids, prompt_mask, response_ids,
-                                                            response_mask, temperature=config.temperature)
-            mask = response_mask.to(device)
-            logps = token_logps(logits, response_ids)  # (b, r)
-            pg_loss, clip_fraction, approx_kl = policy_loss(logps, old_logps.to(device), advantages[index, :width].to(device),
-                                                            mask, config.clip_range)
-            vf_loss, value_clip_fraction = value_loss(values, old_values.to(device), returns[index, :width].to(device),
-                                                      mask, config.value_clip)
-            entropy = masked_mean(entropy_from_logits(logits), mask)
+        for index in torch.randperm(len(mask), generator=generator).chunk(config.num_minibatches):
+            logps, values, entropy = evaluate(index)  # (b, width) each, with gradients
+            width = logps.shape[1]
+            rows = (index, slice(0, width))  # the minibatch's rows of a (B, T) tensor, cut to width
+            pg_loss, clip_fraction, approx_kl = policy_loss(logps, old_logps[rows], advantages[rows], mask[rows],
+                                                            config.clip_range)
+            vf_loss, value_clip_fraction = value_loss(values, old_values[rows], returns[rows], mask[rows],
+                                                      config.value_clip)
+            entropy = masked_mean(entropy, mask[rows])
             loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * entropy
             gradient_step(model, optimizer, loss, config.max_grad_norm, scaler)
             for key, value in zip(stats, (pg_loss, vf_loss, entropy, clip_fraction, approx_kl, value_clip_fraction),
                                   strict=True):
                 stats[key].append(float(value.detach()))
-    return {key: sum(v) / len(v) for key, v in stats.items()}
+    return {key: sum(values) / len(values) for key, values in stats.items()}
+    ### END SOLUTION
+
+
+def rollout_evaluator(model: PolicyWithValueHead, rollout: Rollout, config: PPOConfig) -> Evaluate:
+    """evaluate(index) for ppo_minibatch_steps on a language model: the current log-probs of the
+    rollout's sampled tokens, the values and the entropies of the rows `index`, each (b, width),
+    with the rows' all-padding columns trimmed. The forward pass runs under
+    autocast(device, config.precision); logits and values come out in float32."""
+    device = next(model.parameters()).device
+
+    def evaluate(index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        prompt_ids, prompt_mask, response_ids, response_mask = _rows(rollout, index)
+        with autocast(device, config.precision):
+            logits, values = response_logits_and_values(model, prompt_ids, prompt_mask, response_ids,
+                                                        response_mask, temperature=config.temperature)
+        return token_logps(logits, response_ids), values, entropy_from_logits(logits)
+
+    return evaluate
+
+
+def ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, rollout: Rollout, advantages: Tensor,
+               returns: Tensor, config: PPOConfig, generator: torch.Generator | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """PPO's update of a language model on one rollout: ppo_minibatch_steps with rollout_evaluator.
+
+    advantages: raw, from GAE (whitened inside when config.whiten_advantages); returns: GAE's, both
+    (B, R). num_epochs passes over the rollout in num_minibatches shuffled minibatches, one gradient
+    step each on  policy_loss + vf_coef * value_loss - entropy_coef * entropy. Returns mean statistics.
+    scaler: float16's (training.grad_scaler)."""
+    num = len(rollout.scores)
+    if num % config.num_minibatches:
+        raise ValueError(f"batch_size {num} is not divisible by num_minibatches {config.num_minibatches}")
+    device = next(model.parameters()).device
+    # the model stays in eval mode: with dropout off (docs/conventions.md) train and eval mode compute the same
+    return ppo_minibatch_steps(rollout_evaluator(model, rollout, config), model, optimizer, rollout.logps.to(device),
+                               rollout.values.to(device), advantages.to(device), returns.to(device),
+                               rollout.mask.to(device), config, generator, scaler)
+
+
+def ppo_step(model, ref_model, reward_fn, tokenizer, prompts, kl_coef, config, optimizer, generator=None,
+             scaler=None):
+    """One step of PPO on a batch of prompts: what train_ppo repeats. Returns (rollout, statistics).
+
+    Sample one response per prompt and record log-probs, reference log-probs, values and scores;
+    turn them into per-token rewards (KL penalty on every token, the score on the last real one);
+    GAE gives advantages and returns; ppo_update whitens the advantages and takes
+    num_epochs x num_minibatches gradient steps on the rollout.
+    """
+    batch = rollout(model, ref_model, reward_fn, tokenizer, prompts, config)  # no gradients
+    rewards = kl_penalty_rewards(batch.scores, batch.logps, batch.ref_logps, batch.mask, kl_coef)  # (B, R)
+    advantages, returns = gae(rewards, batch.values, batch.mask, config.gamma, config.lam)  # (B, R) each
+    stats = ppo_update(model, optimizer, batch, advantages, returns, config, generator, scaler)
+    return batch, stats
 
 
 # ---- Training --------------------------------------------------------------------------------------
@@ -418,7 +477,7 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward: nn.Module | Rewar
     reward: a reward model (nn.Module, scored on the sampled ids, see reward_model_fn) or any
     function Generation -> (B,) scores, e.g. `oracle_fn` ("PPO-GT"). A value head is put on the
     policy for training (PolicyWithValueHead); the policy itself stays a plain LM. Each step is one
-    rollout batch: sample, score, then ppo_update. The history has dpo_teach.training's format, one
+    rollout batch: ppo_step (sample, score, then ppo_update). The history has dpo_teach.training's format, one
     entry per rollout batch: "step" (from 0), "lr", "seconds", "sequences" and "tokens" (what the
     policy read with a gradient: batch_size x num_epochs sequences a step), "train/<m>" for the
     reward source's "score", the "oracle_reward" and sequence "kl" to ref_model of the rollout's
@@ -458,12 +517,8 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward: nn.Module | Rewar
             order, cursor = torch.randperm(len(prompts), generator=generator).tolist(), 0
         batch_prompts = [prompts[i] for i in order[cursor:cursor + config.batch_size]]
         cursor += config.batch_size
-        batch = rollout(model, ref_model, reward_fn, tokenizer, batch_prompts, config)
-        rewards = kl_penalty_rewards(batch.scores, batch.logps, batch.ref_logps, batch.mask, kl_coef)
-        advantages, returns = gae(rewards, batch.values, batch.mask, config.gamma, config.lam)
-        if config.whiten_advantages:
-            advantages = whiten(advantages, batch.mask)
-        stats = ppo_update(model, optimizer, batch, advantages, returns, config, generator, scaler)
+        batch, stats = ppo_step(model, ref_model, reward_fn, tokenizer, batch_prompts, kl_coef, config, optimizer,
+                                generator, scaler)
         seconds += time.perf_counter() - start
         g = batch.generation
         costs["sequences"] += config.batch_size * config.num_epochs

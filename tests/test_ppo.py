@@ -301,14 +301,14 @@ def test_one_ppo_update_raises_the_clipped_objective(tokenizer, tiny_model, prom
     batch = ppo.rollout(model, ref_model, stand_in_reward, tokenizer, prompts[:8], CONFIG)
     rewards = ppo.kl_penalty_rewards(batch.scores, batch.logps, batch.ref_logps, batch.mask, 0.05)
     advantages, returns = ppo.gae(rewards, batch.values, batch.mask)
-    advantages = ppo.whiten(advantages, batch.mask)
+    white = ppo.whiten(advantages, batch.mask)  # what ppo_update optimises (it whitens inside)
     g = batch.generation
 
     def objective():
         with torch.no_grad():
             logits, _ = ppo.response_logits_and_values(model, g.prompt_ids, g.prompt_mask, g.response_ids,
                                                        g.response_mask)
-            loss, _, _ = ppo.policy_loss(ppo.token_logps(logits, g.response_ids), batch.logps, advantages,
+            loss, _, _ = ppo.policy_loss(ppo.token_logps(logits, g.response_ids), batch.logps, white,
                                          batch.mask, CONFIG.clip_range)
         return -loss.item()
 
@@ -448,3 +448,113 @@ def test_checks_name_typical_mistakes():
 
     with pytest.raises(AssertionError, match="one position"):
         checks.check_kl_penalty_rewards(score_one_too_far)
+
+
+# ---- PPO's update on one batch, generic over the model (notebook 07's exercise) -----------------------
+
+
+def test_ppo_update_whitens_inside_and_equals_the_generic_update(tokenizer, tiny_model, prompts):
+    import copy
+
+    torch.manual_seed(0)
+    model, ref_model = ppo.PolicyWithValueHead(tiny_model), frozen_copy(tiny_model)
+    batch = ppo.rollout(model, ref_model, stand_in_reward, tokenizer, prompts[:8], CONFIG)
+    rewards = ppo.kl_penalty_rewards(batch.scores, batch.logps, batch.ref_logps, batch.mask, 0.05)
+    advantages, returns = ppo.gae(rewards, batch.values, batch.mask)
+    runs = []
+    for whiten_outside in (False, True):
+        m = copy.deepcopy(model)
+        optimizer = torch.optim.Adam(m.parameters(), lr=1e-3)
+        config = replace(CONFIG, whiten_advantages=not whiten_outside)
+        a = ppo.whiten(advantages, batch.mask) if whiten_outside else advantages
+        stats = ppo.ppo_minibatch_steps(ppo.rollout_evaluator(m, batch, config), m, optimizer, batch.logps,
+                                        batch.values, a, returns, batch.mask, config, torch.Generator().manual_seed(3))
+        runs.append((stats, [p.detach().clone() for p in m.parameters()]))
+    m = copy.deepcopy(model)
+    stats = ppo.ppo_update(m, torch.optim.Adam(m.parameters(), lr=1e-3), batch, advantages, returns, CONFIG,
+                           torch.Generator().manual_seed(3))
+    runs.append((stats, [p.detach().clone() for p in m.parameters()]))
+    for stats, parameters in runs[1:]:
+        assert stats.keys() == runs[0][0].keys()
+        assert all(math.isclose(stats[k], runs[0][0][k], rel_tol=1e-5, abs_tol=1e-7) for k in stats)
+        assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(parameters, runs[0][1], strict=True))
+
+
+def test_ppo_step_is_one_step_of_train_ppo(tokenizer, tiny_model, prompts):
+    import copy
+
+    from dpo_teach.training import make_optimizer
+    from dpo_teach.utils import seed_everything
+
+    config = replace(CONFIG, num_steps=1, eval_every=0)
+    policy = copy.deepcopy(tiny_model)
+    history = ppo.train_ppo(policy, frozen_copy(tiny_model), stand_in_reward, tokenizer, prompts, config,
+                            progress=False)
+    seed_everything(config.seed)  # what train_ppo does first
+    model = ppo.PolicyWithValueHead(copy.deepcopy(tiny_model))
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(len(prompts), generator=generator).tolist()
+    batch, stats = ppo.ppo_step(model, frozen_copy(tiny_model), stand_in_reward, tokenizer,
+                                [prompts[i] for i in order[:config.batch_size]], config.kl_coef, config,
+                                make_optimizer(model, config), generator)
+    assert batch.scores.mean().item() == history["train/score"][0]
+    assert all(stats[k] == history[f"train/{k}"][0] for k in stats)
+    assert all(torch.equal(p, q) for p, q in zip(policy.parameters(), model.policy.parameters(), strict=True))
+
+
+def tabular_ppo(steps, seed=0, beta=0.5, batch=128):
+    """PPO with the KL-shaped reward on the bandit of notebooks 01-03: a softmax policy with one logit per
+    response, a value per prompt; returns (KL(pi_PPO || pi*) per prompt before, after)."""
+    from dpo_teach import bandit
+
+    world = bandit.make_bandit(num_prompts=2, num_responses=4, seed=seed)
+    optimum = bandit.optimal_policy(world.pi_ref, world.reward, beta)
+    logits = torch.nn.Parameter(world.pi_ref.log().clone())
+    values = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    model = torch.nn.ParameterList([logits, values])
+    config = PPOConfig(num_epochs=4, num_minibatches=4, lr=0.05, vf_coef=0.5, value_clip=None)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(seed)
+    kl = lambda: bandit.kl_divergence(logits.detach().softmax(-1), optimum)  # noqa: E731
+    before = kl()
+    for _ in range(steps):
+        with torch.no_grad():
+            x = torch.randint(0, 2, (batch,), generator=generator)
+            y = torch.multinomial(logits.softmax(-1)[x], 1, generator=generator)  # (N, 1): one-token responses
+            logps = logits.log_softmax(-1)[x].gather(1, y)
+        mask = torch.ones_like(y)
+        rewards = ppo.kl_penalty_rewards(world.reward[x, y[:, 0]], logps, world.pi_ref.log()[x].gather(1, y), mask, beta)
+        advantages, returns = ppo.gae(rewards, values.detach()[x, None], mask)
+
+        def evaluate(index, x=x, y=y):
+            table = logits.log_softmax(-1)[x[index]]  # (b, K)
+            return table.gather(1, y[index]), values[x[index], None], -(table.exp() * table).sum(1, keepdim=True)
+
+        ppo.ppo_minibatch_steps(evaluate, model, optimizer, logps, values.detach()[x, None], advantages, returns,
+                                mask, config, generator)
+    return before, kl()
+
+
+def test_ppo_with_the_kl_penalty_reaches_the_closed_form_optimum():
+    before, after = tabular_ppo(150)
+    assert (before > 0.05).all() and (after < 0.01).all(), (before, after)
+
+
+def test_ppo_update_check_accepts_the_reference_and_names_slips():
+    from dpo_teach.checks import ppo_update
+
+    checks.check_ppo_minibatch_steps(ppo.ppo_minibatch_steps)
+    with pytest.raises(AssertionError, match="never cleared"):
+        checks.check_ppo_minibatch_steps(ppo_update._slipped("no_zero_grad"))
+    with pytest.raises(AssertionError, match="vf_coef"):
+        checks.check_ppo_minibatch_steps(ppo_update._slipped("value_loss_unscaled"))
+    with pytest.raises(AssertionError, match="padding included"):
+        checks.check_ppo_minibatch_steps(ppo_update._slipped("whiten_padding"))
+
+    def one_epoch(evaluate, model, optimizer, old_logps, old_values, advantages, returns, mask, config,
+                  generator=None, scaler=None):
+        return ppo.ppo_minibatch_steps(evaluate, model, optimizer, old_logps, old_values, advantages, returns, mask,
+                                       replace(config, num_epochs=1), generator)
+
+    with pytest.raises(AssertionError, match="num_epochs x num_minibatches"):
+        checks.check_ppo_minibatch_steps(one_epoch)

@@ -10,6 +10,8 @@ What lives where:
   model, 07 PPO, 08 DPO on a language model, 09 the frontier, 10 beyond DPO);
 - `steps.py`: the training steps the learner writes (05 SFT, 06 the reward model, 08 DPO), run
   from the same model as the reference step and compared step by step, parameters included.
+- `ppo_update.py`: notebook 07's PPO update on one rollout batch, run from the same small model as
+  the reference and compared by its minibatches, statistics and parameters after the update.
 
 Every check is re-exported here, so a notebook writes `from dpo_teach import checks` and calls
 `checks.check_something(function)`. A check's module is imported when the check is first used, so
@@ -30,6 +32,7 @@ _MODULE_OF = {  # public name -> the module of dpo_teach.checks that defines it
     **dict.fromkeys(["check_perplexity", "check_sft_loss"], "nb05"),
     **dict.fromkeys(["check_last_token_index", "check_spearman"], "nb06"),
     **dict.fromkeys(["check_clipped_policy_loss", "check_gae", "check_kl_penalty_rewards"], "nb07"),
+    "check_ppo_minibatch_steps": "ppo_update",  # notebook 07's PPO update, run from the same model as the reference
     **dict.fromkeys(["check_concatenated_logps", "check_reward_accuracy"], "nb08"),
     **dict.fromkeys(["check_best_of_n_rewards", "check_on_frontier"], "nb09"),
     **dict.fromkeys(["check_ipo_loss", "check_log_odds"], "nb10"),
