@@ -636,3 +636,28 @@ def test_a_gradient_cut_halfway_is_caught():
     with pytest.raises(AssertionError, match=r"the values are right but the gradient of chosen_logps with respect "
                        r"to the parameter \S+ of model is not"):
         checks.check_concatenated_logps(parameters_partly_detached)
+
+
+def test_sequence_logps_check_passes_the_package_and_names_the_label_shift(capsys):
+    from dpo_teach.logps import sequence_logps
+
+    checks.check_sequence_logps(sequence_logps)
+    assert capsys.readouterr().out.count("is correct") == 2
+
+    def unshifted(logits, labels, mask, average=False):
+        token = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(2)).squeeze(2)
+        return (token * mask).sum(-1)
+
+    def mask_not_shifted(logits, labels, mask, average=False):
+        token = torch.gather(logits[:, :-1].log_softmax(-1), 2, labels[:, 1:].unsqueeze(2)).squeeze(2)
+        return (token * mask[:, :-1]).sum(-1)
+
+    def mean_over_width(logits, labels, mask, average=False):
+        summed = sequence_logps(logits, labels, mask)
+        return summed / (logits.shape[1] - 1) if average else summed
+
+    for wrong, message in ((unshifted, "not shifted: token t"), (mask_not_shifted, "mask is not shifted"),
+                           (lambda lg, lb, m, average=False: sequence_logps(lg.detach(), lb, m, average), "no gradient"),
+                           (mean_over_width, "number of masked tokens"), (not_written, "not written yet")):
+        with pytest.raises(AssertionError, match=message):
+            checks.check_sequence_logps(wrong)

@@ -28,7 +28,7 @@ _MODULE_OF = {  # public name -> the module of dpo_teach.checks that defines it
                      "check_rlhf_objective"], "nb02"),
     **dict.fromkeys(["check_dpo_loss", "check_implicit_reward", "check_plackett_luce_dpo_loss",
                      "check_reward_projection", "check_rlhf_route"], "nb03"),
-    **dict.fromkeys(["check_loss_mask", "check_top_k"], "nb04"),
+    **dict.fromkeys(["check_loss_mask", "check_sequence_logps", "check_top_k"], "nb04"),
     **dict.fromkeys(["check_perplexity", "check_sft_loss"], "nb05"),
     **dict.fromkeys(["check_last_token_index", "check_spearman"], "nb06"),
     **dict.fromkeys(["check_clipped_policy_loss", "check_gae", "check_kl_penalty_rewards"], "nb07"),

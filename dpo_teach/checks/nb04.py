@@ -15,7 +15,7 @@ from torch import Tensor
 
 from dpo_teach.checks.engine import Case, Inputs, Mistake, compare_with_reference, loss_mask
 
-__all__ = ["check_loss_mask", "check_top_k"]
+__all__ = ["check_loss_mask", "check_sequence_logps", "check_top_k"]
 
 
 def _lengths(generator: torch.Generator) -> Inputs:
@@ -93,3 +93,59 @@ def check_top_k(top_k_logits: Callable) -> None:
         ],
     )
     compare_with_reference(top_k_logits, case)
+
+
+def _logits_batch(generator: torch.Generator) -> Inputs:
+    """Random logits (B, T, V) with labels and a loss mask of prompt + response + padding rows."""
+    lengths = _lengths(generator)
+    batch, width = len(lengths["prompt_lengths"]), lengths["width"]
+    vocab = int(torch.randint(5, 12, (), generator=generator))
+    return {
+        "logits": 3.0 * torch.randn(batch, width, vocab, generator=generator, dtype=torch.float64),
+        "labels": torch.randint(0, vocab, (batch, width), generator=generator),
+        "loss_mask": loss_mask(lengths["prompt_lengths"], lengths["response_lengths"], width),
+    }
+
+
+def _sequence_logps(logits: Tensor, labels: Tensor, mask: Tensor, average: bool = False, shift: int = 1,
+                    mask_shift: int = 1, normalise: bool = True) -> Tensor:
+    """sequence_logps and its typical slips: shift 0 scores token t with the logits at t; mask_shift 0
+    aligns the mask with the logits instead of the labels; normalise False gathers raw logits."""
+    width = logits.shape[1]
+    scores = logits.log_softmax(-1) if normalise else logits
+    scores, labels = scores[:, : width - shift], labels[:, shift:]
+    mask = mask[:, mask_shift: width - shift + mask_shift].to(logits.dtype)
+    summed = (torch.gather(scores, 2, labels.unsqueeze(2)).squeeze(2) * mask).sum(-1)
+    return summed / mask.sum(-1).clamp(min=1) if average else summed
+
+
+def check_sequence_logps(sequence_logps: Callable) -> None:
+    """Check sequence_logps(logits, labels, loss_mask, average=False) -> (B,): the summed (or, with
+    average=True, the mean) log-prob of each row's masked tokens, token t scored by the logits at t - 1."""
+    slips = [
+        Mistake("the labels are not shifted: token t is scored by the logits at position t",
+                lambda lg, lb, m: _sequence_logps(lg, lb, m, shift=0, mask_shift=0),
+                "The logits at position t - 1 predict token t: drop the last position of the logits and "
+                "the first of the labels (and of the mask)."),
+        Mistake("the mask is not shifted with the labels (it is one position early)",
+                lambda lg, lb, m: _sequence_logps(lg, lb, m, mask_shift=0),
+                "loss_mask is aligned with the labels: slice it as the labels, loss_mask[:, 1:]."),
+        Mistake("the raw logits are gathered, not log-probabilities",
+                lambda lg, lb, m: _sequence_logps(lg, lb, m, normalise=False),
+                "Take logits.log_softmax(dim=-1) first, then gather the label's entry."),
+        Mistake("the log-probs are averaged, not summed", lambda lg, lb, m: _sequence_logps(lg, lb, m, average=True),
+                "The default is the sum over the response's tokens (average=False)."),
+        Mistake("the padding and prompt tokens are counted too (the mask is not applied)",
+                lambda lg, lb, m: _sequence_logps(lg, lb, torch.ones_like(m)),
+                "Multiply each token's log-prob by the (shifted) loss mask before summing."),
+    ]
+    compare_with_reference(sequence_logps, Case(
+        name="sequence_logps", reference=lambda lg, lb, m: _sequence_logps(lg, lb, m), make_inputs=_logits_batch,
+        shape_hint="Return one number per row: shape (B,).", mistakes=slips, grad_inputs=("logits",)))
+    compare_with_reference(lambda lg, lb, m: sequence_logps(lg, lb, m, average=True), Case(
+        name="sequence_logps (average=True)", reference=lambda lg, lb, m: _sequence_logps(lg, lb, m, average=True),
+        make_inputs=_logits_batch, shape_hint="Return one number per row: shape (B,).",
+        mistakes=[Mistake("the mean divides by the row's length, not by its number of masked tokens",
+                          lambda lg, lb, m: _sequence_logps(lg, lb, m) / (lg.shape[1] - 1),
+                          "Divide each row's sum by the number of its counted tokens (loss_mask[:, 1:].sum(-1)).")],
+        grad_inputs=("logits",)))
