@@ -18,6 +18,10 @@ and DPO_TEACH_DATASET replace the model and the review data set of a preset with
 local folder (dpo_teach.rehearse and the tests point the "gpt2" preset at local stand-ins this way).
 DPO_TEACH_SCALE (a factor in (0, 1]) scales every count of the preset's settings down
 (settings.scaled), for rehearsals that exercise every code path quickly.
+
+Printed paths (setup()'s line, a Preset's repr) are relative to the repository's root when they lie
+inside it, so that a notebook's committed output does not name the folder of the machine that ran
+it; the Preset's fields keep the absolute path, which works from any working directory.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from dpo_teach.settings import SETTINGS, Settings, scaled
 from dpo_teach.utils import seed_everything
 
 __all__ = ["PRESET_ENV", "DEVICE_ENV", "MODEL_ENV", "DATASET_ENV", "DATA_ENV", "CACHE_ENV", "SCALE_ENV", "Preset", "cache_dir",
-           "data_dir", "find_device", "get_preset", "setup"]
+           "data_dir", "display_path", "find_device", "get_preset", "setup"]
 
 PRESET_ENV = "DPO_TEACH_PRESET"
 DEVICE_ENV = "DPO_TEACH_DEVICE"
@@ -41,6 +45,22 @@ DATASET_ENV = "DPO_TEACH_DATASET"
 DATA_ENV = "DPO_TEACH_DATA"
 CACHE_ENV = "DPO_TEACH_CACHE"
 SCALE_ENV = "DPO_TEACH_SCALE"
+REPOSITORY = Path(__file__).resolve().parent.parent  # the root of the course: dpo_teach/, data/, notebooks/
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """`path` as printed: relative to the repository's root when it is an absolute path inside it
+    ("data/base_model"), else as given (a hub name such as "gpt2", a folder elsewhere)."""
+    text = os.fspath(path)
+    candidate = Path(text)
+    if not candidate.is_absolute():
+        return text
+    for absolute in (Path(os.path.normpath(text)), candidate.resolve()):  # "..", then symbolic links, resolved
+        try:
+            return absolute.relative_to(REPOSITORY).as_posix()
+        except ValueError:
+            continue
+    return text
 
 
 def data_dir() -> Path:
@@ -73,6 +93,10 @@ class Preset:
         if self.settings is None:
             factor = float(os.environ.get(SCALE_ENV) or 1)
             object.__setattr__(self, "settings", scaled(SETTINGS[self.name], factor))
+
+    def __repr__(self) -> str:  # the dataclass's repr, with model and dataset as display_path prints them
+        return (f"Preset(name={self.name!r}, device={self.device!r}, model={display_path(self.model)!r}, "
+                f"dataset={display_path(self.dataset)!r}, seed={self.seed!r})")
 
     # The lengths every stage shares, read from the settings.
     max_prompt_tokens = property(lambda self: self.settings.max_prompt_tokens)
@@ -121,5 +145,6 @@ def setup(preset: str | None = None, seed: int = 0, device: str | None = None, q
     chosen = get_preset(preset, device=device, seed=seed)
     seed_everything(seed)
     if not quiet:
-        print(f"dpo_teach: preset={chosen.name!r} device={chosen.device!r} seed={seed} model={chosen.model}")
+        print(f"dpo_teach: preset={chosen.name!r} device={chosen.device!r} seed={seed} "
+              f"model={display_path(chosen.model)}")
     return chosen

@@ -92,3 +92,24 @@ def test_tiny_preset_reads_the_shipped_world(preset):
         world.load_prompts(preset, "validation")
     report = json.loads((dpo_teach.presets.data_dir() / "base_model" / "pretrain_report.json").read_text())
     assert report["counts"]["reviews_train"] == world.SPLITS["reviews_train"][0]
+
+
+def test_printed_paths_are_relative_to_the_repository(capsys, monkeypatch, tmp_path):
+    """Committed outputs must not name the folder of the machine that executed them."""
+    from dpo_teach.presets import REPOSITORY, data_dir, display_path
+
+    for name in ("DPO_TEACH_PRESET", "DPO_TEACH_MODEL", "DPO_TEACH_DATASET", "DPO_TEACH_DATA"):
+        monkeypatch.delenv(name, raising=False)
+    preset = dpo_teach.setup(device="cpu")
+    line = capsys.readouterr().out
+    assert line == "dpo_teach: preset='tiny' device='cpu' seed=0 model=data/base_model\n"
+    assert str(REPOSITORY) not in repr(preset) and "model='data/base_model'" in repr(preset)
+    assert preset.model == str(data_dir() / "base_model") and data_dir().is_absolute(), "the field stays usable anywhere"
+
+    assert display_path(REPOSITORY / "data" / ".." / "cache" / "tiny") == "cache/tiny"
+    assert display_path(tmp_path / "gpt2") == str(tmp_path / "gpt2"), "outside the repository: as given"
+    assert display_path("gpt2") == "gpt2" and display_path("stanfordnlp/imdb") == "stanfordnlp/imdb", "hub names"
+    assert display_path(str(REPOSITORY) + "-copy/data") == str(REPOSITORY) + "-copy/data", "a sibling is outside"
+    monkeypatch.setenv("DPO_TEACH_MODEL", str(tmp_path / "gpt2"))
+    dpo_teach.setup("gpt2", device="cpu")
+    assert capsys.readouterr().out.endswith(f"model={tmp_path / 'gpt2'}\n")
