@@ -1,4 +1,5 @@
-"""The student edition: the course notebooks with every exercise's solution replaced by a stub.
+"""The student edition: the course notebooks with every exercise's solution replaced by a stub and
+the answer key left out.
 
 An exercise is a code cell in which the solution sits between two marker lines (the convention of
 nbgrader)::
@@ -14,9 +15,14 @@ In the student edition the block, markers included, becomes a stub at the marker
         # YOUR CODE HERE
         raise NotImplementedError("bt_probability: replace this line by your code")
 
-The check cell that follows the exercise then says that the function is not written yet. Outputs and
-execution counts are cleared; everything else (markdown, metadata, cell ids) is kept. The source
-notebooks are only read.
+The check cell that follows the exercise then says that the function is not written yet.
+
+The answer key is left out: every cell tagged "answer" (its metadata's "tags" list holds "answer")
+is dropped. By the course's convention such a cell follows a notebook's "Questions to think about"
+and starts with "**Answers** (instructor edition)".
+
+Outputs and execution counts are cleared; everything else (the other cells' markdown, metadata and
+cell ids) is kept. The source notebooks are only read.
 
 Usage: python -m dpo_teach.student notebooks/ student/
 """
@@ -31,12 +37,13 @@ from pathlib import Path
 
 import nbformat
 
-__all__ = ["BEGIN", "END", "STUB_COMMENT", "SolutionMarkerError", "solution_blocks", "stub_source",
-           "student_notebook", "make_student_edition", "main"]
+__all__ = ["ANSWER_TAG", "BEGIN", "END", "STUB_COMMENT", "SolutionMarkerError", "is_answer", "solution_blocks",
+           "stub_source", "student_notebook", "make_student_edition", "main"]
 
 BEGIN = "### BEGIN SOLUTION"
 END = "### END SOLUTION"
 STUB_COMMENT = "# YOUR CODE HERE"
+ANSWER_TAG = "answer"  # the tag of an answer-key cell, which the student edition leaves out
 
 _DEF = re.compile(r"^(\s*)(?:async\s+)?def\s+(\w+)\s*\(")
 
@@ -101,15 +108,26 @@ def stub_source(source: str, where: str = "cell") -> str:
     return stubbed + "\n" if source.endswith("\n") else stubbed
 
 
+def is_answer(cell: nbformat.NotebookNode) -> bool:
+    """Whether a cell belongs to the answer key: its metadata's tags hold ANSWER_TAG."""
+    return ANSWER_TAG in (cell.get("metadata", {}).get("tags") or [])
+
+
 def student_notebook(notebook: nbformat.NotebookNode, name: str = "notebook") -> nbformat.NotebookNode:
-    """A copy of the notebook with stubs for solutions and no outputs; the argument is not changed."""
+    """A copy of the notebook with stubs for solutions, no answer cells and no outputs; the argument
+    is not changed. Marker errors name the cell by its index in the argument."""
     student = copy.deepcopy(notebook)
+    kept = []
     for index, cell in enumerate(student.cells):
+        if is_answer(cell):
+            continue
+        kept.append(cell)
         if cell.cell_type != "code":
             continue
         cell.source = stub_source(cell.source, where=f"{name}, cell {index}")
         cell.outputs = []
         cell.execution_count = None
+    student.cells = kept
     return student
 
 
@@ -139,7 +157,8 @@ def make_student_edition(src_dir: str | Path, out_dir: str | Path) -> list[Path]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dpo_teach.student",
-        description="Write the student edition of the course: solutions replaced by stubs, outputs cleared.",
+        description="Write the student edition of the course: solutions replaced by stubs, answer cells "
+                    "left out, outputs cleared.",
     )
     parser.add_argument("src_dir", type=Path, help="folder of the instructor notebooks (e.g. notebooks/)")
     parser.add_argument("out_dir", type=Path, help="folder for the student notebooks (e.g. student/)")

@@ -1,7 +1,9 @@
-"""The student edition (dpo_teach/student.py): solutions become stubs, and every check then says so.
+"""The student edition (dpo_teach/student.py): solutions become stubs, and every check then says so;
+the answer key (cells tagged "answer") is left out, and nothing in it claims to be the instructor
+edition.
 
-Exercises are found in the notebooks at collection time, so a new notebook with exercises is tested
-without editing this file.
+Exercises and question cells are found in the notebooks at collection time, so a new notebook is
+tested without editing this file.
 """
 
 import ast
@@ -20,6 +22,19 @@ from dpo_teach import student
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
 MARKERS = (student.BEGIN, student.END)
+ANSWERS_START = "**Answers** (instructor edition)"  # how an answer cell starts (the course's convention)
+QUESTION_HEADING = re.compile(r"^#{1,6}\s+(Questions to think about|More exercises)\s*$", re.MULTILINE)
+
+
+def tagged_answer(cell) -> bool:
+    """An answer-key cell: "answer" among its metadata's tags (written here, not taken from student.py)."""
+    return "answer" in (cell.get("metadata", {}).get("tags") or [])
+
+
+def student_index(notebook: nbformat.NotebookNode) -> dict[int, int]:
+    """Index in the student edition of every cell of an instructor notebook that the edition keeps."""
+    kept = [i for i, cell in enumerate(notebook.cells) if not tagged_answer(cell)]
+    return {original: new for new, original in enumerate(kept)}
 
 
 @dataclass(frozen=True)
@@ -102,9 +117,10 @@ def test_outputs_cleared_and_everything_else_kept(edition, name):
     original, copy = read(NOTEBOOKS / name), read(edition["function_dir"] / name)
     assert copy.metadata == original.metadata
     assert (copy.nbformat, copy.nbformat_minor) == (original.nbformat, original.nbformat_minor)
-    assert len(copy.cells) == len(original.cells)
+    kept = [(index, cell) for index, cell in enumerate(original.cells) if not tagged_answer(cell)]
+    assert len(copy.cells) == len(kept), f"{name}: the student edition should keep every cell but the answers"
     exercise_cells = {e.cell for e in EXERCISES if e.notebook == name}
-    for index, (a, b) in enumerate(zip(original.cells, copy.cells, strict=True)):
+    for (index, a), b in zip(kept, copy.cells, strict=True):
         assert (b.cell_type, b.get("id"), b.metadata) == (a.cell_type, a.get("id"), a.metadata), index
         if b.cell_type == "code":
             assert b.outputs == [] and b.execution_count is None, f"{name} cell {index} kept its outputs"
@@ -124,7 +140,8 @@ def python_only(source: str) -> str:
 
 @pytest.mark.parametrize("exercise", EXERCISES, ids=str)
 def test_no_solution_text_survives(edition, exercise):
-    cell = read(edition["function_dir"] / exercise.notebook).cells[exercise.cell]
+    at_index = student_index(read(NOTEBOOKS / exercise.notebook))
+    cell = read(edition["function_dir"] / exercise.notebook).cells[at_index[exercise.cell]]
     student_lines = [line.strip() for line in cell.source.splitlines()]
     for line in exercise.solution:
         if line.strip():
@@ -180,14 +197,108 @@ def up_to_the_check(source: str, function: str) -> str:
 @pytest.mark.parametrize("exercise", [e for e in EXERCISES if e.check_cell is not None], ids=str)
 def test_check_explains_the_stub(edition, exercise, capsys):
     notebook = read(edition["function_dir"] / exercise.notebook)
+    at_index = student_index(read(NOTEBOOKS / exercise.notebook))
+    cell, check_cell = at_index[exercise.cell], at_index[exercise.check_cell]
     namespace = {"__name__": "__main__"}
-    exec(imports_before(notebook, exercise.cell), namespace)
-    exec(notebook.cells[exercise.cell].source, namespace)  # defines the stubbed function
-    check = up_to_the_check(notebook.cells[exercise.check_cell].source, exercise.function)
+    exec(imports_before(notebook, cell), namespace)
+    exec(notebook.cells[cell].source, namespace)  # defines the stubbed function
+    check = up_to_the_check(notebook.cells[check_cell].source, exercise.function)
     with pytest.raises(AssertionError, match="not written yet") as raised:
         exec(check, namespace)
     assert isinstance(raised.value.__cause__, NotImplementedError), "the check did not reach the stub"
     assert capsys.readouterr().out.count("✓") == 0  # no success line printed
+
+
+# ---- (c') the answer key stays in the instructor edition --------------------------------------------
+
+
+def question_cells(path: Path) -> list[int]:
+    """Indices of the markdown cells with a "Questions to think about" (or "More exercises") heading."""
+    return [i for i, cell in enumerate(read(path).cells)
+            if cell.cell_type == "markdown" and QUESTION_HEADING.search(cell.source)]
+
+
+def question_numbers(source: str) -> list[int]:
+    """The numbers of the numbered list items after the first question heading of a cell."""
+    after = source[QUESTION_HEADING.search(source).end():]
+    return [int(m.group(1)) for m in re.finditer(r"^(\d+)\.\s", after, re.MULTILINE)]
+
+
+def test_no_answer_survives(edition):
+    for path in sorted(edition["function_dir"].glob("*.ipynb")):
+        for index, cell in enumerate(read(path).cells):
+            assert not tagged_answer(cell), f"{path.name} cell {index} is tagged 'answer'"
+            assert "**Answers**" not in cell.source, f"{path.name} cell {index} holds answer text"
+
+
+@pytest.mark.parametrize("name", [p.name for p in NOTEBOOK_PATHS if question_cells(p)])
+def test_questions_are_followed_by_their_answers(name):
+    cells = read(NOTEBOOKS / name).cells
+    for index in question_cells(NOTEBOOKS / name):
+        assert index + 1 < len(cells), f"{name}: the questions (cell {index}) end the notebook: no answer cell follows"
+        answer = cells[index + 1]
+        assert answer.cell_type == "markdown" and tagged_answer(answer), \
+            f"{name}: cell {index + 1}, after the questions, should be a markdown cell tagged 'answer'"
+        assert answer.source.startswith(ANSWERS_START), f"{name}: the answer cell should start with {ANSWERS_START!r}"
+        answered = {int(m.group(1)) for m in re.finditer(r"^\s*(?:\*\*)?(\d+)[.)]", answer.source, re.MULTILINE)}
+        missing = [n for n in question_numbers(cells[index].source) if n not in answered]
+        assert not missing, f"{name}: question(s) {missing} of cell {index} have no numbered answer"
+
+
+def test_answer_cells_are_left_out_and_nothing_else(tmp_path):
+    notebook = nbformat.v4.new_notebook()
+    answer = nbformat.v4.new_markdown_cell(ANSWERS_START + "\n\n1. Because.")
+    answer.metadata["tags"] = ["answer"]
+    code_answer = nbformat.v4.new_code_cell("print('worked answer')")
+    code_answer.metadata["tags"] = ["solution", "answer"]
+    other_tags = nbformat.v4.new_markdown_cell("kept")
+    other_tags.metadata["tags"] = ["answers-follow", "hide-input"]
+    notebook.cells = [nbformat.v4.new_markdown_cell("## Questions to think about\n\n1. Why?"), answer,
+                      nbformat.v4.new_code_cell("x = 1"), code_answer, other_tags]
+    (tmp_path / "src").mkdir()
+    nbformat.write(notebook, tmp_path / "src" / "nb.ipynb")
+    (path,) = student.make_student_edition(tmp_path / "src", tmp_path / "out")
+    cells = read(path).cells
+    assert [c.source for c in cells] == ["## Questions to think about\n\n1. Why?", "x = 1", "kept"]
+    assert [c.get("id") for c in cells] == [notebook.cells[i].id for i in (0, 2, 4)]
+    assert len(read(tmp_path / "src" / "nb.ipynb").cells) == 5, "the source is not changed"
+
+
+# ---- (c'') the student edition does not call itself the instructor edition -------------------------
+
+INSTRUCTOR_CLAIMS = [re.compile(pattern, re.IGNORECASE) for pattern in (
+    r"\(\s*instructor(?:'s)?\s*\)\s*edition",  # "in this (instructor) edition"
+    r"\(\s*instructor(?:'s)?\s+edition\s*\)",  # "**Answers** (instructor edition)"
+    r"\bthis\s*\(\s*instructor",  # "this (instructor"
+    r"\bthis\s+instructor(?:'s)?\s+edition",  # "in this instructor edition"
+    r"\b(?:is|are|you\s+have)\s+(?:in\s+)?the\s+instructor(?:'s)?\s+edition",  # "this is the instructor edition"
+    r"\binstructor(?:'s)?\s+edition\s*\(\s*(?:this|the\s+one\s+you)",  # "the instructor edition (this one)"
+)]
+
+
+def instructor_claims(text: str) -> list[str]:
+    return [m.group(0) for pattern in INSTRUCTOR_CLAIMS for m in pattern.finditer(text)]
+
+
+@pytest.mark.parametrize("sentence, claims", [
+    ("1. a cell with a function to complete; in this (instructor) edition the solution sits between", True),
+    ("In this instructor edition, the solutions are shown.", True),
+    ("This is the instructor edition of the course.", True),
+    ("You are in the Instructor edition.", True),
+    ("**Answers** (instructor edition)", True),
+    ("in the instructor edition (the `notebooks/` folder) the solution sits between the markers; in the "
+     "student edition it is a stub", False),
+    ("the **instructor edition** (the repository's notebooks) keeps the answers", False),
+])
+def test_the_claim_detector(sentence, claims):
+    assert bool(instructor_claims(sentence)) == claims
+
+
+def test_student_edition_does_not_claim_to_be_the_instructor_edition(edition):
+    for path in sorted(edition["function_dir"].glob("*.ipynb")):
+        for index, cell in enumerate(read(path).cells):
+            found = instructor_claims(cell.source)
+            assert not found, f"{path.name} cell {index} says it is the instructor edition: {found}"
 
 
 # ---- (d) the instructor notebooks are untouched ---------------------------------------------------
