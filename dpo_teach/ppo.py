@@ -389,7 +389,6 @@ def ppo_minibatch_steps(evaluate, model, optimizer, old_logps, old_values, advan
     backward, clip the gradient norm of `model`, step). Returns the mean over the steps of
     policy_loss, value_loss, entropy, clip_fraction, approx_kl and value_clip_fraction (floats).
     """
-    ### BEGIN SOLUTION
     if config.whiten_advantages:
         advantages = whiten(advantages, mask)  # once per batch, over its valid tokens only
     stats = {key: [] for key in ("policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl",
@@ -410,7 +409,6 @@ def ppo_minibatch_steps(evaluate, model, optimizer, old_logps, old_values, advan
                                   strict=True):
                 stats[key].append(float(value.detach()))
     return {key: sum(values) / len(values) for key, values in stats.items()}
-    ### END SOLUTION
 
 
 def rollout_evaluator(model: PolicyWithValueHead, rollout: Rollout, config: PPOConfig) -> Evaluate:

@@ -512,12 +512,13 @@ def tabular_ppo(steps, seed=0, beta=0.5, batch=128):
     logits = torch.nn.Parameter(world.pi_ref.log().clone())
     values = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
     model = torch.nn.ParameterList([logits, values])
-    config = PPOConfig(num_epochs=4, num_minibatches=4, lr=0.05, vf_coef=0.5, value_clip=None)
+    config = PPOConfig(num_epochs=4, num_minibatches=4, lr=0.1, vf_coef=0.5, value_clip=None)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(seed)
     kl = lambda: bandit.kl_divergence(logits.detach().softmax(-1), optimum)  # noqa: E731
     before = kl()
-    for _ in range(steps):
+    for step in range(steps):
+        optimizer.param_groups[0]["lr"] = config.lr * (1 - step / steps)  # to 0: no jitter from the last batches
         with torch.no_grad():
             x = torch.randint(0, 2, (batch,), generator=generator)
             y = torch.multinomial(logits.softmax(-1)[x], 1, generator=generator)  # (N, 1): one-token responses
@@ -536,8 +537,9 @@ def tabular_ppo(steps, seed=0, beta=0.5, batch=128):
 
 
 def test_ppo_with_the_kl_penalty_reaches_the_closed_form_optimum():
-    before, after = tabular_ppo(150)
-    assert (before > 0.05).all() and (after < 0.01).all(), (before, after)
+    for seed in (0, 1):
+        before, after = tabular_ppo(100, seed=seed)
+        assert (before > 0.1).all() and (after < 0.002).all(), (before, after)
 
 
 def test_ppo_update_check_accepts_the_reference_and_names_slips():
