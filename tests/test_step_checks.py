@@ -88,6 +88,21 @@ def sft_returns_nothing(model, optimizer, batch):
     sft_step(model, optimizer, batch)
 
 
+def sft_returns_tensor(model, optimizer, batch):
+    loss = _sft_loss(model, batch)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def dpo_batch_loss_ignoring_config(policy, batch, ref_chosen_logps, ref_rejected_logps, config):
+    chosen, rejected = model_sequence_logps(policy, batch).chunk(2)
+    losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps,
+                                                            beta=config.beta)
+    return losses.mean(), dpo.dpo_metrics(losses, chosen_rewards, rejected_rewards, chosen, rejected)
+
+
 def reward_model_step(reward_model, optimizer, batch, swap=False):
     chosen, rejected = reward_model(batch["input_ids"], batch["attention_mask"]).chunk(2)
     loss = bradley_terry_loss(*((rejected, chosen) if swap else (chosen, rejected))).mean()
@@ -143,8 +158,10 @@ def test_right_steps_pass(check, function, capsys):
     (checks.check_dpo_step, make_dpo_step(dpo_batch_loss_without_beta), "beta is not passed"),
     (checks.check_dpo_batch_loss, dpo_batch_loss_without_beta, "beta is not passed"),
     (checks.check_dpo_batch_loss, dpo_batch_loss_detached, "no gradient"),
+    (checks.check_sft_step, sft_returns_tensor, "loss.item()"),
+    (checks.check_dpo_batch_loss, dpo_batch_loss_ignoring_config, "label_smoothing=0.2"),
 ], ids=["no-zero-grad", "no-grad", "detached", "no-step", "zero-grad-between", "step-first", "in-place",
-        "summed", "returns-none", "rm-swapped", "dpo-step-beta", "dpo-loss-beta", "dpo-loss-detached"])
+        "summed", "returns-none", "rm-swapped", "dpo-step-beta", "dpo-loss-beta", "dpo-loss-detached", "returns-tensor", "config-ignored"])
 def test_slips_are_named(check, function, message):
     with pytest.raises(AssertionError, match=re.escape(message)):
         check(function)

@@ -13,7 +13,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dpo_teach.checks.engine import Case, Inputs, Mistake, compare_with_reference, loss_mask
+from dpo_teach.checks.engine import (
+    Case,
+    Extreme,
+    Inputs,
+    Mistake,
+    compare_with_reference,
+    loss_mask,
+)
 
 __all__ = ["check_loss_mask", "check_sequence_logps", "check_top_k"]
 
@@ -127,7 +134,8 @@ def check_sequence_logps(sequence_logps: Callable) -> None:
                 lambda lg, lb, m: _sequence_logps(lg, lb, m, shift=0, mask_shift=0),
                 "The logits at position t - 1 predict token t: drop the last position of the logits and "
                 "the first of the labels (and of the mask)."),
-        Mistake("the mask is not shifted with the labels (it is one position early)",
+        Mistake("the mask is not shifted with the labels: it leaves out the first response token and counts "
+                "the position after the response's EOS",
                 lambda lg, lb, m: _sequence_logps(lg, lb, m, mask_shift=0),
                 "loss_mask is aligned with the labels: slice it as the labels, loss_mask[:, 1:]."),
         Mistake("the raw logits are gathered, not log-probabilities",
@@ -139,9 +147,13 @@ def check_sequence_logps(sequence_logps: Callable) -> None:
                 lambda lg, lb, m: _sequence_logps(lg, lb, torch.ones_like(m)),
                 "Multiply each token's log-prob by the (shifted) loss mask before summing."),
     ]
+    huge = _logits_batch(torch.Generator().manual_seed(5))
+    huge["logits"] = huge["logits"] * 400  # logits of about +-1,000: softmax(...).log() gives log(0) = -inf
     compare_with_reference(sequence_logps, Case(
         name="sequence_logps", reference=lambda lg, lb, m: _sequence_logps(lg, lb, m), make_inputs=_logits_batch,
-        shape_hint="Return one number per row: shape (B,).", mistakes=slips, grad_inputs=("logits",)))
+        shape_hint="Return one number per row: shape (B,).", mistakes=slips, grad_inputs=("logits",),
+        extremes=[Extreme("logits of about +-1,000", huge,
+                          "Use logits.log_softmax(dim=-1): softmax(...).log() underflows to log(0) = -inf.")]))
     compare_with_reference(lambda lg, lb, m: sequence_logps(lg, lb, m, average=True), Case(
         name="sequence_logps (average=True)", reference=lambda lg, lb, m: _sequence_logps(lg, lb, m, average=True),
         make_inputs=_logits_batch, shape_hint="Return one number per row: shape (B,).",

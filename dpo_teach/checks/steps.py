@@ -97,8 +97,9 @@ def _number(case: StepCase, value, step: int) -> float:
             raise AssertionError(f"{case.name} returned a dict without a 'loss' entry at step {step}: "
                                  f"return {case.returns}.")
         value = value["loss"]
-    if isinstance(value, Tensor) and value.numel() == 1:
-        return float(value.detach())
+    if isinstance(value, Tensor):
+        raise AssertionError(f"{case.name} returned a tensor at step {step}: return a plain number, loss.item() "
+                             "(a tensor would keep the step's whole graph alive).")
     if isinstance(value, (int, float)):
         return float(value)
     raise AssertionError(f"{case.name} returned {type(value).__name__} at step {step}: return {case.returns}.")
@@ -203,10 +204,12 @@ def check_training_step(step: Callable, case: StepCase) -> None:
 def _tiny_gpt2(generator: torch.Generator, vocab: int = 40):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(int(torch.randint(0, 10_000, (), generator=generator)))
+    seed = int(torch.randint(0, 10_000, (), generator=generator))
     config = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
                         eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(config)
+    with torch.random.fork_rng():  # the weights from the check's own seed; the caller's random state is left alone
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config)
 
 
 def _lm_batch(generator: torch.Generator, rows: int, vocab: int = 40, width: int = 12) -> dict:
@@ -250,7 +253,10 @@ def check_sft_step(sft_step: Callable) -> None:
 def _reward_calls(generator: torch.Generator):
     from dpo_teach.reward import RewardModel
 
-    model = RewardModel(_tiny_gpt2(generator).config)
+    config = _tiny_gpt2(generator).config
+    with torch.random.fork_rng():  # the trunk's weights from the check's own seed
+        torch.manual_seed(int(torch.randint(0, 10_000, (), generator=generator)))
+        model = RewardModel(config)
     torch.nn.init.normal_(model.score.weight, std=0.5, generator=generator)  # a head that is not zero yet
     calls = []
     for _ in range(3):
@@ -282,11 +288,11 @@ def check_reward_model_step(reward_model_step: Callable) -> None:
         ]))
 
 
-def _dpo_calls(generator: torch.Generator, beta: float = 0.5):
+def _dpo_calls(generator: torch.Generator, config=None):
     from dpo_teach.settings import DPOConfig
 
     model = _tiny_gpt2(generator)
-    config = DPOConfig(beta=beta)
+    config = config or DPOConfig(beta=0.5)
     calls = []
     for _ in range(3):
         batch = _lm_batch(generator, 6)  # 3 pairs: rows 0-2 chosen, rows 3-5 rejected
@@ -311,7 +317,8 @@ def _dpo_mean(policy, batch, ref_chosen_logps, ref_rejected_logps, config, beta=
     if swap:
         chosen, rejected = rejected, chosen
     losses, _, _ = dpo_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps,
-                            beta=config.beta if beta is None else beta)
+                            beta=config.beta if beta is None else beta, loss_type=config.loss_type,
+                            label_smoothing=config.label_smoothing)
     return reduce(losses)
 
 
@@ -345,10 +352,13 @@ def check_dpo_batch_loss(dpo_batch_loss: Callable) -> None:
     DPO loss with its graph, TRL's metrics) on a concatenated batch (notebook 08): the loss, its
     gradient with respect to the policy's parameters, and every metric."""
     from dpo_teach.dpo import dpo_batch_loss as reference
+    from dpo_teach.settings import DPOConfig
 
     generator = torch.Generator().manual_seed(1)
-    for trial in range(3):
-        model, calls = _dpo_calls(generator, beta=[0.1, 0.5, 2.0][trial])
+    configs = [DPOConfig(beta=0.1), DPOConfig(beta=0.5), DPOConfig(beta=2.0), DPOConfig(beta=0.5, label_smoothing=0.2),
+               DPOConfig(beta=0.5, loss_type="ipo", average_logps=True)]
+    for config in configs:
+        model, calls = _dpo_calls(generator, config)
         batch, ref_chosen, ref_rejected, config = calls[0]
         expected_loss, expected_metrics = reference(model, batch, ref_chosen, ref_rejected, config)
         expected_grads = torch.autograd.grad(expected_loss, list(model.parameters()))
@@ -376,6 +386,13 @@ def check_dpo_batch_loss(dpo_batch_loss: Callable) -> None:
                 if math.isclose(float(loss.detach()), float(wrong), rel_tol=1e-5, abs_tol=1e-6):
                     raise AssertionError(f"dpo_batch_loss is not right yet: it looks like {mistake.description}. "
                                          f"{mistake.hint}")
+            for field, value in (("label_smoothing", config.label_smoothing), ("loss_type", config.loss_type),
+                                 ("average_logps", config.average_logps)):
+                if value != getattr(DPOConfig(), field):
+                    raise AssertionError(f"dpo_batch_loss is not right yet: with {field}={value!r} in the config the "
+                                         f"loss is {float(loss.detach()):.6g}, expected {expected_loss:.6g}. Pass "
+                                         "every setting of the config on: average=config.average_logps to "
+                                         "model_sequence_logps, beta, loss_type and label_smoothing to dpo_loss.")
             raise AssertionError(f"dpo_batch_loss is not right yet (beta = {config.beta}): the loss is "
                                  f"{float(loss.detach()):.6g}, expected {expected_loss:.6g}.")
         if not loss.requires_grad:
@@ -393,4 +410,4 @@ def check_dpo_batch_loss(dpo_batch_loss: Callable) -> None:
                 raise AssertionError(f"dpo_batch_loss's metric {key!r} is {metrics[key]!r}, expected {value:.6g} "
                                      "(plain Python numbers: dpo_metrics(...) makes them).")
     print("✓ dpo_batch_loss is correct: the loss, its gradient and every metric match the reference at "
-          "beta = 0.1, 0.5 and 2.")
+          "beta = 0.1, 0.5 and 2, with label smoothing, and for IPO on mean log-probs.")
