@@ -56,6 +56,8 @@ IDENTICAL = [
     (NB05, "dpo_teach.sft", "sft_loss"),
     (NB06, "dpo_teach.reward", "last_token_index"),
     (NB06, "dpo_teach.reward", "bradley_terry_loss"),
+    (NB07, "dpo_teach.ppo", "ppo_minibatch_steps"),
+    (NB07, "dpo_teach.ppo", "ppo_step"),
     (NB08, "dpo_teach.dpo", "dpo_batch_loss"),
     (NB09, "dpo_teach.frontier", "best_of_n_rewards"),
 ]
