@@ -76,9 +76,6 @@ EXCLUDED = {
         "dpo_teach.bandit.train_tabular_dpo",
         "calls package_dpo_loss (the name dpo_loss is the learner's exercise) and spells out the "
         "L-BFGS settings the package keeps in a private helper; the next cell checks the results agree"),
-    (NB05, "my_sft_loss"): (
-        "dpo_teach.sft.sft_loss",
-        "the learner's version; the package's sft_loss is shown in full earlier (in IDENTICAL)"),
     (NB05, "perplexity_from_logps"): (
         "dpo_teach.sft.perplexity",
         "the formula on precomputed log-prob sums; the package's perplexity runs a model over records"),
