@@ -198,8 +198,9 @@ def check_kl_penalty_rewards(kl_penalty_rewards: Callable) -> None:
         make_inputs=_reward_inputs,
         shape_hint="Return one reward per response token, shape (B, R), like logps.",
         mistakes=[
-            Mistake("the score is put one position after the last real token (on the first padding "
-                    "position: a known bug of a popular implementation)",
+            Mistake("the score is put one position after the last real token, on the first padding "
+                    "position: a GAE that masks padding (as ppo.gae does) never sees it there, and one that "
+                    "runs through the padding passes it back only one step late, multiplied by gamma * lam",
                     _score_at(lambda m: m.sum(1).long()),
                     "The last real token sits at index length - 1, with length = mask.sum(1)."),
             Mistake("the score is put on the last column of the tensor, which is padding for short responses",
