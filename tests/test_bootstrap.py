@@ -131,7 +131,7 @@ def test_bootstrap_clones_installs_and_imports_offline(tmp_path):
     def bootstrap(python: Path) -> str:
         done = run([str(python), str(script)], cwd=work, env=env)
         assert done.returncode == 0, f"the bootstrap cell failed:\n{done.stdout}\n{done.stderr}"
-        assert f"dpo_teach: preset='tiny' device='cpu' seed=0 model={home / 'data' / 'base_model'}" in done.stdout
+        assert "dpo_teach: preset='tiny' device='cpu' seed=0 model=data/base_model" in done.stdout
         assert f"dpo_teach file: {home / 'dpo_teach' / '__init__.py'}" in done.stdout
         return done.stdout
 
