@@ -1,6 +1,7 @@
 """The checks of the training steps the learner writes (dpo_teach/checks/steps.py): right steps pass,
 and each typical slip of a training step fails with a message that names it."""
 
+import functools
 import re
 
 import pytest
@@ -16,59 +17,40 @@ def _sft_loss(model, batch, reduce=torch.mean):
     return reduce(-sequence_logps(logits, batch["labels"], batch["loss_mask"], average=True))
 
 
-def sft_step(model, optimizer, batch):
-    loss = _sft_loss(model, batch)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return loss.item()
+RIGHT_ORDER = ("zero_grad", "backward", "step")
 
 
-def sft_no_zero_grad(model, optimizer, batch):
-    loss = _sft_loss(model, batch)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
+def make_step(loss_of, order=RIGHT_ORDER, return_tensor=False):
+    """A training step: the loss from loss_of(model, *args), then optimizer.zero_grad(), loss.backward()
+    and optimizer.step() in `order` (leave one out, or reorder them, to break the step); returns
+    loss.item(), or the loss tensor itself with return_tensor. A loss_of that returns (loss, metrics),
+    as dpo_batch_loss does, makes a step that returns the metrics."""
+    def step(model, optimizer, *args):
+        loss = loss_of(model, *args)
+        loss, metrics = loss if isinstance(loss, tuple) else (loss, None)
+        actions = {"zero_grad": optimizer.zero_grad, "backward": loss.backward, "step": optimizer.step}
+        for action in order:
+            actions[action]()
+        if metrics is not None:
+            return metrics
+        return loss if return_tensor else loss.item()
+    return step
 
 
-def sft_no_grad(model, optimizer, batch):
+def _sft_loss_without_grad(model, batch):
     with torch.no_grad():
-        loss = _sft_loss(model, batch)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return loss.item()
+        return _sft_loss(model, batch)
 
 
-def sft_detached(model, optimizer, batch):
-    loss = _sft_loss(model, batch).detach().requires_grad_()
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return loss.item()
-
-
-def sft_no_step(model, optimizer, batch):
-    loss = _sft_loss(model, batch)
-    optimizer.zero_grad()
-    loss.backward()
-    return loss.item()
-
-
-def sft_zero_grad_between(model, optimizer, batch):
-    loss = _sft_loss(model, batch)
-    loss.backward()
-    optimizer.zero_grad()
-    optimizer.step()
-    return loss.item()
-
-
-def sft_step_before_backward(model, optimizer, batch):
-    loss = _sft_loss(model, batch)
-    optimizer.zero_grad()
-    optimizer.step()
-    loss.backward()
-    return loss.item()
+sft_step = make_step(_sft_loss)
+sft_no_zero_grad = make_step(_sft_loss, order=("backward", "step"))
+sft_no_grad = make_step(_sft_loss_without_grad)
+sft_detached = make_step(lambda model, batch: _sft_loss(model, batch).detach().requires_grad_())
+sft_no_step = make_step(_sft_loss, order=("zero_grad", "backward"))
+sft_zero_grad_between = make_step(_sft_loss, order=("backward", "zero_grad", "step"))
+sft_step_before_backward = make_step(_sft_loss, order=("zero_grad", "step", "backward"))
+sft_summed = make_step(functools.partial(_sft_loss, reduce=torch.sum))
+sft_returns_tensor = make_step(_sft_loss, return_tensor=True)
 
 
 def sft_in_place(model, optimizer, batch):
@@ -76,24 +58,8 @@ def sft_in_place(model, optimizer, batch):
     return sft_step(model, optimizer, batch)
 
 
-def sft_summed(model, optimizer, batch):
-    loss = _sft_loss(model, batch, reduce=torch.sum)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return loss.item()
-
-
 def sft_returns_nothing(model, optimizer, batch):
     sft_step(model, optimizer, batch)
-
-
-def sft_returns_tensor(model, optimizer, batch):
-    loss = _sft_loss(model, batch)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return loss
 
 
 def dpo_batch_loss_ignoring_config(policy, batch, ref_chosen_logps, ref_rejected_logps, config):
@@ -103,13 +69,13 @@ def dpo_batch_loss_ignoring_config(policy, batch, ref_chosen_logps, ref_rejected
     return losses.mean(), dpo.dpo_metrics(losses, chosen_rewards, rejected_rewards, chosen, rejected)
 
 
-def reward_model_step(reward_model, optimizer, batch, swap=False):
+def _bt_loss(reward_model, batch, swap=False):
     chosen, rejected = reward_model(batch["input_ids"], batch["attention_mask"]).chunk(2)
-    loss = bradley_terry_loss(*((rejected, chosen) if swap else (chosen, rejected))).mean()
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return loss.item()
+    return bradley_terry_loss(*((rejected, chosen) if swap else (chosen, rejected))).mean()
+
+
+reward_model_step = make_step(_bt_loss)
+reward_model_step_swapped = make_step(functools.partial(_bt_loss, swap=True))
 
 
 def dpo_batch_loss_without_beta(policy, batch, ref_chosen_logps, ref_rejected_logps, config):
@@ -123,20 +89,10 @@ def dpo_batch_loss_detached(policy, batch, ref_chosen_logps, ref_rejected_logps,
         return dpo.dpo_batch_loss(policy, batch, ref_chosen_logps, ref_rejected_logps, config)
 
 
-def make_dpo_step(batch_loss):
-    def dpo_step(policy, optimizer, batch, ref_chosen_logps, ref_rejected_logps, config):
-        loss, metrics = batch_loss(policy, batch, ref_chosen_logps, ref_rejected_logps, config)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return metrics
-    return dpo_step
-
-
 @pytest.mark.parametrize("check, function", [
     (checks.check_sft_step, sft_step),
     (checks.check_reward_model_step, reward_model_step),
-    (checks.check_dpo_step, make_dpo_step(dpo.dpo_batch_loss)),
+    (checks.check_dpo_step, make_step(dpo.dpo_batch_loss)),
     (checks.check_dpo_batch_loss, dpo.dpo_batch_loss),
 ], ids=["sft", "reward", "dpo-step", "dpo-batch-loss"])
 def test_right_steps_pass(check, function, capsys):
@@ -154,8 +110,8 @@ def test_right_steps_pass(check, function, capsys):
     (checks.check_sft_step, sft_in_place, "changed its input batch['input_ids'] in place"),
     (checks.check_sft_step, sft_summed, "summed, not averaged"),
     (checks.check_sft_step, sft_returns_nothing, "returned NoneType"),
-    (checks.check_reward_model_step, lambda m, o, b: reward_model_step(m, o, b, swap=True), "swapped"),
-    (checks.check_dpo_step, make_dpo_step(dpo_batch_loss_without_beta), "beta is not passed"),
+    (checks.check_reward_model_step, reward_model_step_swapped, "swapped"),
+    (checks.check_dpo_step, make_step(dpo_batch_loss_without_beta), "beta is not passed"),
     (checks.check_dpo_batch_loss, dpo_batch_loss_without_beta, "beta is not passed"),
     (checks.check_dpo_batch_loss, dpo_batch_loss_detached, "no gradient"),
     (checks.check_sft_step, sft_returns_tensor, "loss.item()"),

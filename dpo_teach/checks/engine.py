@@ -23,11 +23,14 @@ all is right. A later notebook adds a check by writing an inputs maker and a lis
 
 The random-input makers used by the checks of more than one notebook live here too: `randn` and
 `uniform` (float64 draws from a generator), `dpo_inputs` (log-probs of a preference batch, notebooks
-03 and 10) and `loss_mask` (the reference loss mask, notebooks 04 and 05).
+03 and 10), `loss_mask` (the reference loss mask, notebooks 04 and 05), and `tiny_gpt2` and
+`lm_batch` (a small random GPT-2 and a right-padded batch for it, notebook 08 and the training
+steps' checks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,8 +45,10 @@ __all__ = [
     "Mistake",
     "compare_with_reference",
     "dpo_inputs",
+    "lm_batch",
     "loss_mask",
     "randn",
+    "tiny_gpt2",
     "uniform",
 ]
 
@@ -481,3 +486,29 @@ def loss_mask(prompt_lengths: Tensor, response_lengths: Tensor, width: int) -> T
     positions = torch.arange(width).unsqueeze(0)  # (1, T)
     end = (prompt_lengths + response_lengths).unsqueeze(1)  # (B, 1)
     return ((positions >= prompt_lengths.unsqueeze(1)) & (positions < end)).long()  # (B, T)
+
+
+def tiny_gpt2(generator: torch.Generator, vocab: int = 40, keep_global_rng: bool = True):
+    """A small random GPT-2 (1 layer, 16 dimensions, 2 heads, no dropout), its weights seeded by one
+    draw from `generator`. keep_global_rng: leave the caller's global random state as it was; when
+    False, the global generator is left seeded by that draw (as notebook 08's checks always did)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    seed = int(torch.randint(0, 10_000, (), generator=generator))
+    config = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
+                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    with torch.random.fork_rng() if keep_global_rng else contextlib.nullcontext():
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config)
+
+
+def lm_batch(generator: torch.Generator, rows: int, vocab: int = 40, width: int = 12, first_token: int = 1) -> dict:
+    """A right-padded batch in build_batch's format: prompt of 1-3 tokens, response of 1-6, token ids
+    drawn from first_token to vocab - 1 (padding is 0)."""
+    prompt_lengths = torch.randint(1, 4, (rows,), generator=generator)
+    response_lengths = torch.randint(1, 7, (rows,), generator=generator)
+    positions = torch.arange(width).unsqueeze(0)
+    attention_mask = (positions < (prompt_lengths + response_lengths).unsqueeze(1)).long()
+    input_ids = torch.randint(first_token, vocab, (rows, width), generator=generator) * attention_mask
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids.clone(),
+            "loss_mask": loss_mask(prompt_lengths, response_lengths, width)}

@@ -10,30 +10,23 @@ from collections.abc import Callable
 
 import torch
 
-from dpo_teach.checks.engine import Case, Inputs, Mistake, compare_with_reference, randn
+from dpo_teach.checks.engine import (
+    Case,
+    Inputs,
+    Mistake,
+    compare_with_reference,
+    lm_batch,
+    randn,
+    tiny_gpt2,
+)
 
 __all__ = ["check_concatenated_logps", "check_reward_accuracy"]
 
 
 def _tiny_lm_batch(generator: torch.Generator) -> Inputs:
-    """A small random GPT-2 and a concatenated batch (chosen rows, then rejected rows)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(int(torch.randint(0, 10_000, (), generator=generator)))
-    config = GPT2Config(vocab_size=40, n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(config).eval()
-    num_pairs, width = 3, 12
-    prompt_lengths = torch.randint(1, 4, (2 * num_pairs,), generator=generator)
-    response_lengths = torch.randint(1, 7, (2 * num_pairs,), generator=generator)
-    positions = torch.arange(width).unsqueeze(0)
-    end = (prompt_lengths + response_lengths).unsqueeze(1)
-    attention_mask = (positions < end).long()
-    input_ids = torch.randint(0, 40, (2 * num_pairs, width), generator=generator) * attention_mask
-    loss_mask = (attention_mask.bool() & (positions >= prompt_lengths.unsqueeze(1))).long()
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids.clone(),
-             "loss_mask": loss_mask}
-    return {"model": model, "batch": batch}
+    """A small random GPT-2 and a concatenated batch of 3 pairs (chosen rows, then rejected rows)."""
+    model = tiny_gpt2(generator, keep_global_rng=False).eval()
+    return {"model": model, "batch": lm_batch(generator, 6, first_token=0)}
 
 
 def _pair_logps(model, batch, average=False):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dpo_teach.checks.engine import Mistake
+from dpo_teach.checks.engine import Mistake, lm_batch, tiny_gpt2
 
 __all__ = ["StepCase", "check_dpo_batch_loss", "check_dpo_step", "check_reward_model_step",
            "check_sft_step", "check_training_step", "reference_step"]
@@ -201,31 +201,8 @@ def check_training_step(step: Callable, case: StepCase) -> None:
 # ---- The three steps of the course --------------------------------------------------------------
 
 
-def _tiny_gpt2(generator: torch.Generator, vocab: int = 40):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    seed = int(torch.randint(0, 10_000, (), generator=generator))
-    config = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
-                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    with torch.random.fork_rng():  # the weights from the check's own seed; the caller's random state is left alone
-        torch.manual_seed(seed)
-        return GPT2LMHeadModel(config)
-
-
-def _lm_batch(generator: torch.Generator, rows: int, vocab: int = 40, width: int = 12) -> dict:
-    """A right-padded batch in build_batch's format: prompt of 1-3 tokens, response of 1-6."""
-    prompt_lengths = torch.randint(1, 4, (rows,), generator=generator)
-    response_lengths = torch.randint(1, 7, (rows,), generator=generator)
-    positions = torch.arange(width).unsqueeze(0)
-    attention_mask = (positions < (prompt_lengths + response_lengths).unsqueeze(1)).long()
-    input_ids = torch.randint(1, vocab, (rows, width), generator=generator) * attention_mask
-    loss_mask = (attention_mask.bool() & (positions >= prompt_lengths.unsqueeze(1))).long()
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids.clone(),
-            "loss_mask": loss_mask}
-
-
 def _sft_calls(generator: torch.Generator):
-    return _tiny_gpt2(generator), [(_lm_batch(generator, 4),) for _ in range(3)]
+    return tiny_gpt2(generator), [(lm_batch(generator, 4),) for _ in range(3)]
 
 
 def _sft_mean(model, batch, reduce=torch.mean, average=True):
@@ -253,14 +230,14 @@ def check_sft_step(sft_step: Callable) -> None:
 def _reward_calls(generator: torch.Generator):
     from dpo_teach.reward import RewardModel
 
-    config = _tiny_gpt2(generator).config
+    config = tiny_gpt2(generator).config
     with torch.random.fork_rng():  # the trunk's weights from the check's own seed
         torch.manual_seed(int(torch.randint(0, 10_000, (), generator=generator)))
         model = RewardModel(config)
     torch.nn.init.normal_(model.score.weight, std=0.5, generator=generator)  # a head that is not zero yet
     calls = []
     for _ in range(3):
-        batch = _lm_batch(generator, 6)  # 3 pairs: rows 0-2 chosen, rows 3-5 rejected
+        batch = lm_batch(generator, 6)  # 3 pairs: rows 0-2 chosen, rows 3-5 rejected
         calls.append(({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},))
     return model, calls
 
@@ -291,11 +268,11 @@ def check_reward_model_step(reward_model_step: Callable) -> None:
 def _dpo_calls(generator: torch.Generator, config=None):
     from dpo_teach.settings import DPOConfig
 
-    model = _tiny_gpt2(generator)
+    model = tiny_gpt2(generator)
     config = config or DPOConfig(beta=0.5)
     calls = []
     for _ in range(3):
-        batch = _lm_batch(generator, 6)  # 3 pairs: rows 0-2 chosen, rows 3-5 rejected
+        batch = lm_batch(generator, 6)  # 3 pairs: rows 0-2 chosen, rows 3-5 rejected
         with torch.no_grad():  # a reference that is not the starting model, so the loss is not log 2
             logps = _sequence_sums(model, batch) + torch.randn(6, generator=generator)
         calls.append((batch, logps[:3].clone(), logps[3:].clone(), config))
