@@ -21,10 +21,16 @@ from dpo_teach.logps import encode_prompt, encode_response, quiet_batch
 from dpo_teach.models import disable_dropout
 from dpo_teach.settings import RewardConfig
 from dpo_teach.training import train
-from dpo_teach.utils import count_scored, position_ids_from_mask, right_pad, shuffled_batches
+from dpo_teach.utils import (
+    count_scored,
+    position_ids_from_mask,
+    right_pad,
+    shuffled_batches,
+    to_device,
+)
 
 __all__ = ["RewardConfig", "RewardModel", "bradley_terry_loss", "last_token_index", "pair_batch", "pair_rewards",
-           "pairwise_accuracy", "score_texts", "train_reward_model"]
+           "pairwise_accuracy", "reward_model_batch_loss", "score_texts", "train_reward_model"]
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -94,6 +100,16 @@ def pair_rewards(reward_model: RewardModel, tokenizer, pairs: list[dict], config
     return rewards[: len(pairs)], rewards[len(pairs):]
 
 
+def reward_model_batch_loss(reward_model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of one reward-model step, the mean Bradley-Terry loss of the batch's pairs, and the
+    pairs' margins r_chosen - r_rejected (B,), detached, for the metrics. batch: pair_batch of B
+    pairs (2B rows, the chosen responses first), its tensors on the model's device."""
+    rewards = reward_model(batch["input_ids"], batch["attention_mask"])  # (2B,): one forward pass
+    chosen_rewards, rejected_rewards = rewards.chunk(2)  # (B,), (B,)
+    loss = bradley_terry_loss(chosen_rewards, rejected_rewards).mean()
+    return loss, (chosen_rewards - rejected_rewards).detach()
+
+
 def _rows(pairs, indices) -> list[dict]:
     """Records of a datasets.Dataset or a list of dicts, by index."""
     if isinstance(pairs, list):
@@ -158,10 +174,8 @@ def train_reward_model(reward_model: RewardModel, tokenizer, pairs, config: Rewa
 
     def batch_loss(index: list[int]):
         rows = _rows(pairs, index)
-        batch = pair_batch(tokenizer, rows, config)
-        chosen_rewards, rejected_rewards = pair_rewards(reward_model, tokenizer, rows, config, batch)  # (B,), (B,)
-        loss = bradley_terry_loss(chosen_rewards, rejected_rewards).mean()
-        margin = (chosen_rewards - rejected_rewards).detach()
+        batch = to_device(pair_batch(tokenizer, rows, config), _device(reward_model))
+        loss, margin = reward_model_batch_loss(reward_model, batch)  # (), (B,)
         metrics = {"loss": loss.item(), "accuracy": ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item(),
                    "margin": margin.mean().item()}
         return loss, metrics, 2 * len(rows), int(batch["attention_mask"].sum())

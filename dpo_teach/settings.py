@@ -191,7 +191,7 @@ SETTINGS = {
     "tiny": Settings(
         max_prompt_tokens=PROMPT_TOKENS, max_response_tokens=RESPONSE_TOKENS, max_new_tokens=NEW_TOKENS,
         eval_prompts=128,  # enough for a standard error of about 0.02 on a mean oracle reward
-        # about 40 s: 200 x 32 whole reviews (about 3 passes over the 2,000 training reviews)
+        # about 40 s: 200 x 32 = 6,400 whole reviews, each read once (of the 12,000 training reviews)
         sft=SFTConfig(num_steps=200, batch_size=32, lr=5e-4, warmup_steps=20, eval_every=50,
                       max_response_tokens=SFT_RESPONSE_TOKENS),
         # 400 training prompts x 4 samples = 2,400 possible pairs (the paper: 4 samples per prompt)

@@ -20,9 +20,9 @@ import torch
 from dpo_teach.logps import check_text, model_sequence_logps, quiet_batch, sequence_logps
 from dpo_teach.settings import SFTConfig
 from dpo_teach.training import train
-from dpo_teach.utils import shuffled_batches
+from dpo_teach.utils import shuffled_batches, to_device
 
-__all__ = ["SFTConfig", "perplexity", "sft_loss", "token_perplexity", "train_sft"]
+__all__ = ["SFTConfig", "perplexity", "sft_batch_loss", "sft_loss", "token_perplexity", "train_sft"]
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -32,6 +32,13 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
     averaged over its own tokens, so short and long responses weigh the same in the batch mean.
     """
     return -sequence_logps(logits, labels, loss_mask, average=True)
+
+
+def sft_batch_loss(model, batch: dict) -> torch.Tensor:
+    """The loss of one SFT step: the mean over the batch of sft_loss (the training loop then calls
+    backward and the optimizer). batch: build_batch's dict, its tensors on the model's device."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    return sft_loss(logits, batch["labels"], batch["loss_mask"]).mean()  # the batch's mean
 
 
 @torch.no_grad()
@@ -78,10 +85,8 @@ def train_sft(policy, tokenizer, records: list[dict], config: SFTConfig = SFTCon
     lengths = (config.max_prompt_tokens, config.max_response_tokens)
 
     def batch_loss(index: list[int]):
-        batch = quiet_batch([records[i] for i in index], tokenizer, response_key, *lengths)
-        logits = policy(input_ids=batch["input_ids"].to(device),
-                        attention_mask=batch["attention_mask"].to(device)).logits  # (B, T, V)
-        loss = sft_loss(logits, batch["labels"].to(device), batch["loss_mask"].to(device)).mean()
+        batch = to_device(quiet_batch([records[i] for i in index], tokenizer, response_key, *lengths), device)
+        loss = sft_batch_loss(policy, batch)
         metrics = {"loss": loss.item(), "truncated": batch["num_truncated_responses"]}
         return loss, metrics, len(index), int(batch["attention_mask"].sum())
 

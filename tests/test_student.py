@@ -45,9 +45,22 @@ class Exercise:
     solution: tuple[str, ...]  # the lines strictly between the markers
     indent: str  # indentation of the BEGIN marker
     check_cell: int | None  # index of the next code cell when it calls a check on the function
+    checked_as: str = ""  # the function that check is called on: this one, or one of its cell calling it
 
     def __str__(self):
         return f"{self.notebook[:2]}-{self.function}"
+
+
+def without_markers(source: str) -> str:
+    return "\n".join(line for line in source.splitlines() if line.strip() not in MARKERS)
+
+
+def _functions(source: str, body_only: bool = True) -> dict[str, str]:
+    """Name -> source of every top-level function of a cell (its body alone, or the whole def)."""
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    return {node.name: "\n".join(lines[(node.body[0] if body_only else node).lineno - 1:node.end_lineno])
+            for node in tree.body if isinstance(node, ast.FunctionDef)}
 
 
 def find_exercises(path: Path) -> list[Exercise]:
@@ -65,11 +78,16 @@ def find_exercises(path: Path) -> list[Exercise]:
             function = names[-1] if names else ""
             following = next((j for j in range(index + 1, len(notebook.cells))
                               if notebook.cells[j].cell_type == "code"), None)
-            calls_check = following is not None and function and re.search(
-                rf"check_\w+\(\s*{function}\b", notebook.cells[following].source)
+            # checked: the next code cell calls a check on the function, or on a function of the
+            # same cell that calls it (05's sft_step is checked together with its sft_batch_loss)
+            callers = {function} | {name for name, body in _functions(cell.source).items()
+                                    if function and re.search(rf"\b{function}\(", body)}
+            checked_as = next((name for name in sorted(callers, key=lambda name: name != function)
+                               if following is not None and function and re.search(
+                                   rf"check_\w+\(\s*{name}\b", notebook.cells[following].source)), "")
             found.append(Exercise(path.name, index, function, tuple(lines[begin + 1:end]),
                                   lines[begin][: len(lines[begin]) - len(lines[begin].lstrip())],
-                                  following if calls_check else None))
+                                  following if checked_as else None, checked_as))
     return found
 
 
@@ -147,9 +165,12 @@ def test_no_solution_text_survives(edition, exercise):
         if line.strip():
             assert line.strip() not in student_lines, f"solution line kept in {exercise}: {line.strip()!r}"
     stub = cell.source.splitlines()
-    at = stub.index(exercise.indent + student.STUB_COMMENT)
-    assert stub[at + 1].startswith(exercise.indent + "raise NotImplementedError(")
-    assert exercise.function in stub[at + 1]
+    # a cell may hold several exercises (a function and the step that calls it): find this one's stub
+    raises = [stub[at + 1] for at, line in enumerate(stub[:-1]) if line == exercise.indent + student.STUB_COMMENT]
+    assert raises, f"no stub in {exercise}'s cell"
+    named = [line for line in raises if f'"{exercise.function}:' in line]
+    assert len(named) == 1, f"{exercise}: expected one stub naming the function, got {raises}"
+    assert named[0].startswith(exercise.indent + "raise NotImplementedError(")
 
 
 def test_no_marker_left_anywhere(edition):
@@ -202,7 +223,10 @@ def test_check_explains_the_stub(edition, exercise, capsys):
     namespace = {"__name__": "__main__"}
     exec(imports_before(notebook, cell), namespace)
     exec(notebook.cells[cell].source, namespace)  # defines the stubbed function
-    check = up_to_the_check(notebook.cells[check_cell].source, exercise.function)
+    if exercise.checked_as != exercise.function:  # checked through a caller: that one solved, this one a stub
+        solved = read(NOTEBOOKS / exercise.notebook).cells[exercise.cell].source
+        exec(without_markers(_functions(solved, body_only=False)[exercise.checked_as]), namespace)
+    check = up_to_the_check(notebook.cells[check_cell].source, exercise.checked_as)
     with pytest.raises(AssertionError, match="not written yet") as raised:
         exec(check, namespace)
     assert isinstance(raised.value.__cause__, NotImplementedError), "the check did not reach the stub"
