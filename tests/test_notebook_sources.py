@@ -76,8 +76,9 @@ EXCLUDED = {
         "checks and detached rewards, as the notebook says after the exercise"),
     (NB03, "train_tabular_dpo"): (
         "dpo_teach.bandit.train_tabular_dpo",
-        "calls package_dpo_loss (the name dpo_loss is the learner's exercise) and spells out the "
-        "L-BFGS settings the package keeps in a private helper; the next cell checks the results agree"),
+        "calls package_dpo_loss (the name dpo_loss is the learner's exercise), spells out the L-BFGS "
+        "settings the package keeps in a private helper, and takes a start= policy (the notebook's "
+        "non-uniqueness experiment starts away from pi_ref); the next cell checks the results agree"),
     (NB05, "perplexity_from_logps"): (
         "dpo_teach.sft.perplexity",
         "the formula on precomputed log-prob sums; the package's perplexity runs a model over records"),
