@@ -38,7 +38,7 @@ from pathlib import Path
 import nbformat
 
 __all__ = ["ANSWER_TAG", "BEGIN", "END", "STUB_COMMENT", "SolutionMarkerError", "is_answer", "solution_blocks",
-           "stub_source", "student_notebook", "make_student_edition", "main"]
+           "stub_source", "without_markers", "student_notebook", "make_student_edition", "main"]
 
 BEGIN = "### BEGIN SOLUTION"
 END = "### END SOLUTION"
@@ -106,6 +106,12 @@ def stub_source(source: str, where: str = "cell") -> str:
         lines[begin : end + 1] = [indent + STUB_COMMENT, f'{indent}raise NotImplementedError("{message}")']
     stubbed = "\n".join(lines)
     return stubbed + "\n" if source.endswith("\n") else stubbed
+
+
+def without_markers(source: str) -> str:
+    """The solved source: `source` less its BEGIN and END marker lines (nothing else changes)."""
+    kept = [line for line in source.splitlines() if line.strip() not in (BEGIN, END)]
+    return "\n".join(kept) + "\n"
 
 
 def is_answer(cell: nbformat.NotebookNode) -> bool:

@@ -28,7 +28,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from dpo_teach.student import BEGIN, END
+from dpo_teach.student import without_markers
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -138,12 +138,6 @@ def function_source(notebook: str, name: str) -> str:
     raise AssertionError(f"{notebook} has no code cell with `def {name}(`")
 
 
-def without_solution_markers(source: str) -> str:
-    """The source less its `### BEGIN SOLUTION` and `### END SOLUTION` lines (nothing else changes)."""
-    kept = [line for line in source.splitlines() if line.strip() not in (BEGIN, END)]
-    return "\n".join(kept) + "\n"
-
-
 def shown_functions() -> set[tuple[str, str]]:
     """(notebook, name) of every top-level `def` in the notebooks' code cells."""
     shown = set()
@@ -174,7 +168,7 @@ def public_package_functions() -> dict[str, list[str]]:
 @pytest.mark.parametrize("notebook, module, name", IDENTICAL, ids=[f"{nb[:2]}-{name}" for nb, _, name in IDENTICAL])
 def test_notebook_shows_the_package_function(notebook, module, name):
     function = getattr(importlib.import_module(module), name)
-    shown = without_solution_markers(function_source(notebook, name))
+    shown = without_markers(function_source(notebook, name))
     package = textwrap.dedent(inspect.getsource(function))
     diff = "".join(difflib.unified_diff(package.splitlines(True), shown.splitlines(True),
                                         f"{module}.{name}", f"{notebook}"))

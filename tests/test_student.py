@@ -51,10 +51,6 @@ class Exercise:
         return f"{self.notebook[:2]}-{self.function}"
 
 
-def without_markers(source: str) -> str:
-    return "\n".join(line for line in source.splitlines() if line.strip() not in MARKERS)
-
-
 def _functions(source: str, body_only: bool = True) -> dict[str, str]:
     """Name -> source of every top-level function of a cell (its body alone, or the whole def)."""
     tree = ast.parse(source)
@@ -225,7 +221,7 @@ def test_check_explains_the_stub(edition, exercise, capsys):
     exec(notebook.cells[cell].source, namespace)  # defines the stubbed function
     if exercise.checked_as != exercise.function:  # checked through a caller: that one solved, this one a stub
         solved = read(NOTEBOOKS / exercise.notebook).cells[exercise.cell].source
-        exec(without_markers(_functions(solved, body_only=False)[exercise.checked_as]), namespace)
+        exec(student.without_markers(_functions(solved, body_only=False)[exercise.checked_as]), namespace)
     check = up_to_the_check(notebook.cells[check_cell].source, exercise.checked_as)
     with pytest.raises(AssertionError, match="not written yet") as raised:
         exec(check, namespace)
