@@ -18,7 +18,7 @@ import torch
 
 from dpo_teach.utils import count_scored, right_pad
 
-__all__ = ["build_batch", "check_text", "encode_prompt", "encode_response", "model_sequence_logps", "quiet_batch",
+__all__ = ["SequenceLogps", "build_batch", "check_text", "encode_prompt", "encode_response", "model_sequence_logps", "quiet_batch",
            "sequence_logps"]
 
 
@@ -138,6 +138,20 @@ def quiet_batch(records: list[dict], tokenizer, response_key: str, max_prompt_to
                            max_response_tokens=max_response_tokens, start=start)
 
 
+class SequenceLogps(torch.nn.Module):
+    """A causal LM whose forward pass is model_sequence_logps: the module data parallelism wraps
+    (dpo_teach.distributed). DDP averages the processes' gradients during backward only for a
+    forward pass that went through its wrapper, and model_sequence_logps calls the LM's trunk and
+    head, not the LM's own forward; so this module's forward is that computation."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: dict, average: bool = False) -> torch.Tensor:
+        return model_sequence_logps(self.lm, batch, average)
+
+
 def model_sequence_logps(model, batch: dict, average: bool = False) -> torch.Tensor:
     """sequence_logps of `model` on a right-padded batch from build_batch, computed where it is
     needed only. Shape: (B,).
@@ -147,8 +161,11 @@ def model_sequence_logps(model, batch: dict, average: bool = False) -> torch.Ten
     used), and each token's log-prob is its logit minus the logsumexp of its row, so no (B, T, V)
     log-softmax tensor is built. Under autocast the transformer runs in 16 bits but the LM head and
     the log-probs in float32 (16-bit logits of a 50,257-way softmax would lose about 0.1 nat a token).
-    For a causal LM of transformers (base_model + output embeddings).
+    For a causal LM of transformers (base_model + output embeddings), or a SequenceLogps (also
+    wrapped by DDP), whose forward pass is then called: it runs this function on its LM.
     """
+    if isinstance(getattr(model, "module", model), SequenceLogps):  # through the wrapper, for DDP
+        return model(batch, average)
     device = next(model.parameters()).device
     count_scored(batch["attention_mask"])
     input_ids = batch["input_ids"].to(device)
