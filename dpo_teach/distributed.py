@@ -22,9 +22,10 @@ What changes with P processes and A gradient-accumulation steps, and what must n
   starts as the reference, so no second model is held). Each process computes those of its own
   shard of the pairs (accelerator.split_between_processes); the shards are then gathered, so that
   every process holds all of them.
-- The metrics are gathered: dpo.dpo_metrics are plain means over pairs, so the mean of the
-  micro-batches' metrics over A and P is the mean over the step's pairs, as one process logs it.
-  The held-out metrics: each process evaluates a shard, weighted by its size.
+- The metrics are gathered: dpo.dpo_metrics are plain means over pairs, so the micro-batches'
+  means, combined over A and P (combine_means), are the means over the step's pairs, as one process
+  logs them. The held-out metrics: each process evaluates a shard; the shards' means are combined
+  the same way, each weighted by its shard's size.
 - Mixed precision follows the preset (training.default_precision): float32 on a CPU, bfloat16 or
   float16 on a GPU, handed to accelerate, which also keeps the float16 gradient scaler.
 - The main process alone writes the checkpoint and the history and shows the progress bar.
@@ -61,7 +62,7 @@ from dpo_teach.settings import DPOConfig
 from dpo_teach.training import append, default_precision, lr_at, make_optimizer
 from dpo_teach.utils import shuffled_batches
 
-__all__ = ["MIXED_PRECISION", "launch_command", "run_processes", "micro_batches", "gathered_ref_logps", "gathered_eval", "train_dpo_distributed", "main"]
+__all__ = ["MIXED_PRECISION", "launch_command", "run_processes", "micro_batches", "combine_means", "gathered_ref_logps", "gathered_eval", "train_dpo_distributed", "main"]
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}  # the course's names -> accelerate's
 
@@ -69,8 +70,7 @@ MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}  # th
 def launch_command(processes: int, args: list[str]) -> list[str]:
     """The command that runs `args` (["-m", module, ...] or [script, ...]) on `processes` processes:
     python itself for one; for more, torch.distributed's launcher (torchrun) on a free local port.
-    accelerate, inside each process, reads the ranks torchrun sets; run_processes adds --cpu's
-    environment variable, so that the processes meet over gloo on the CPU even where GPUs exist."""
+    accelerate, inside each process, reads the ranks torchrun sets."""
     if processes == 1:
         return [sys.executable, *args]
     with socket.socket() as s:  # a port no other job is listening on, for the processes to meet
@@ -80,14 +80,18 @@ def launch_command(processes: int, args: list[str]) -> list[str]:
             str(port), *args]
 
 
-def run_processes(processes: int, args: list[str], threads: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run launch_command(processes, args) on the CPU, offline, `threads` CPU threads per process,
-    from the repository's root; raise RuntimeError with the processes' output if it fails."""
+def run_processes(processes: int, args: list[str], threads: int = 1, cpu: bool = True,
+                  timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run launch_command(processes, args) offline from the repository's root, `threads` CPU threads
+    per process, on the CPU (or, with cpu=False, one GPU per process); raise RuntimeError with the
+    processes' output if it fails."""
     from dpo_teach.offline import offline_environment
     from dpo_teach.presets import REPOSITORY
 
     command = launch_command(processes, args)
-    env = {**os.environ, **offline_environment(), "OMP_NUM_THREADS": str(threads), "ACCELERATE_USE_CPU": "true"}
+    env = {**os.environ, **offline_environment(), "OMP_NUM_THREADS": str(threads)}
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "true"
     result = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command[1:])} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
@@ -119,21 +123,28 @@ def gathered_ref_logps(accelerator, model, tokenizer, records: list[dict], confi
     return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
 
 
+def combine_means(sizes: Tensor, means: Tensor) -> Tensor:
+    """The means over all examples, from pieces of the data: sizes (K,), the examples in each piece;
+    means (K, M), each piece's means of M metrics. Shape: (M,). Each piece's mean weighs by its size:
+    a mean of the means would let an example of a small piece count for more."""
+    weights = sizes.to(means.dtype) / sizes.sum()  # (K,)
+    return (weights.unsqueeze(1) * means).sum(dim=0)  # (M,)
+
+
 def gathered_eval(accelerator, model, tokenizer, records: list[dict], ref_logps: tuple[Tensor, Tensor],
                   config: DPOConfig, **lengths) -> dict[str, float]:
     """dpo.evaluate_pairs on the whole held-out set, computed in shards: each process evaluates its
-    shard, and the means are combined weighted by the shards' sizes."""
+    shard, and the shards' means are combined (combine_means)."""
     from accelerate.utils import gather_object
 
     with accelerator.split_between_processes(list(range(len(records)))) as shard:
-        if shard:
-            ref = (ref_logps[0][shard], ref_logps[1][shard])
-            part = [(len(shard), evaluate_pairs(model, tokenizer, [records[i] for i in shard], ref, config, **lengths))]
-        else:
-            part = []
-    parts = gather_object(part)
-    total = sum(n for n, _ in parts)
-    return {key: sum(n * m[key] for n, m in parts) / total for key in parts[0][1]}
+        part = [(len(shard), evaluate_pairs(model, tokenizer, [records[i] for i in shard],
+                                            (ref_logps[0][shard], ref_logps[1][shard]), config, **lengths))] if shard else []
+    parts = gather_object(part)  # (size, metrics) of every process that had a shard
+    names = list(parts[0][1])
+    means = combine_means(torch.tensor([n for n, _ in parts]), torch.tensor([[m[k] for k in names] for _, m in parts],
+                                                                             dtype=torch.float64))
+    return dict(zip(names, means.tolist()))
 
 
 def train_dpo_distributed(accelerator, policy, tokenizer, train_pairs, config: DPOConfig, eval_pairs=None,
@@ -182,12 +193,13 @@ def train_dpo_distributed(accelerator, policy, tokenizer, train_pairs, config: D
             step_metrics.append(metrics)
             step_tokens += int(batch["attention_mask"].sum())
         rows = accelerator.gather(torch.tensor([[m[k] for k in metrics] for m in step_metrics], dtype=torch.float64,
-                                               device=accelerator.device))  # (P A, M): every micro-batch's metrics
+                                               device=accelerator.device)).cpu()  # (P A, M): every micro-batch's
+        step_means = combine_means(torch.full((len(rows),), len(mine[0])), rows)  # (M,): equal pieces
         step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
         sequences, tokens = sequences + 2 * len(index), tokens + step_tokens
         append(history, {"step": step, "lr": lr, "seconds": time.perf_counter() - start - eval_seconds,
                          "sequences": sequences, "tokens": tokens})
-        append(history, dict(zip(metrics, rows.mean(dim=0).tolist())), prefix="train/")
+        append(history, dict(zip(metrics, step_means.tolist())), prefix="train/")
         if (step + 1) % 10 == 0:
             bar.set_postfix(loss=f"{history['train/loss'][-1]:.3f}")
         if evaluating and ((step + 1) % config.eval_every == 0 or step + 1 == config.num_steps):

@@ -5,7 +5,8 @@ commented); the bottom half, SETTINGS, says what the two presets tell them, with
 each choice. Every stage reads its settings from here (`get_preset().settings`, see presets.py):
 
     settings = get_preset().settings
-    settings.sft, settings.pairs, settings.reward, settings.ppo, settings.dpo, settings.sweep
+    settings.sft, settings.pairs, settings.reward, settings.ppo, settings.dpo, settings.sweep,
+    settings.variants, settings.scale_out
 
 The dataclass defaults are the "tiny" preset's values, so that a config made by hand (in a test, a
 notebook exercise) starts from the course's CPU settings. Lengths are defined once, below, and every
@@ -20,7 +21,7 @@ from dpo_teach.training import TrainConfig
 
 __all__ = ["PROMPT_TOKENS", "RESPONSE_TOKENS", "NEW_TOKENS", "SFT_RESPONSE_TOKENS", "GPT2_PROMPT_TOKENS",
            "GPT2_RESPONSE_TOKENS", "GPT2_NEW_TOKENS", "GPT2_SFT_RESPONSE_TOKENS", "SFTConfig", "PairsConfig", "RewardConfig",
-           "PPOConfig", "DPOConfig", "SweepConfig", "VariantsConfig", "Settings", "SETTINGS", "scaled"]
+           "PPOConfig", "DPOConfig", "SweepConfig", "VariantsConfig", "ScaleOutConfig", "Settings", "SETTINGS", "scaled"]
 
 # ---- Lengths, in tokens (the "tiny" preset's; "gpt2" sets its own in SETTINGS) ---------------------
 
@@ -160,6 +161,16 @@ class VariantsConfig:
 
 
 @dataclass(frozen=True)
+class ScaleOutConfig:
+    """Notebook 12: the same DPO run on one process and on several (dpo_teach.distributed)."""
+
+    num_steps: int = 20  # optimizer steps of each run (each pair read once)
+    batch_size: int = 32  # pairs per optimizer step over all processes: divisible by processes x accumulation
+    eval_pairs: int = 64  # held-out pairs, evaluated every eval_every steps
+    eval_every: int = 5
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings of one preset."""
 
@@ -174,6 +185,7 @@ class Settings:
     dpo: DPOConfig
     sweep: SweepConfig  # the powered frontier sweep (python -m dpo_teach.sweep)
     variants: VariantsConfig = VariantsConfig()  # notebook 10's comparisons
+    scale_out: ScaleOutConfig = ScaleOutConfig()  # notebook 12's runs on one and on two processes
     live_sweep: SweepConfig | None = field(repr=False, default=None)  # the reduced sweep notebook 09 runs live
     paper_sweep: SweepConfig | None = field(repr=False, default=None)  # the paper's full grid, where it is an opt-in
 
@@ -205,6 +217,8 @@ SETTINGS = {
         # notebook 10, a few minutes: 7 variants x 30 steps of 16 pairs (480 pairs, each once); online
         # DPO in 4 rounds of 64 prompts (256 labels, 16 steps) against offline DPO on as many labels
         variants=VariantsConfig(num_steps=30, batch_size=16, online_rounds=4, prompts_per_round=64),
+        # notebook 12, three runs of well under a minute each on 2 cores: 20 steps of DPO's 32 pairs
+        scale_out=ScaleOutConfig(num_steps=20, batch_size=32, eval_pairs=64, eval_every=5),
         # About 40 minutes (`python -m dpo_teach.sweep --preset tiny`): 3 betas, 3 fixed KL coefficients
         # (notebook 07's 0.1 among them) and two KL targets, PPO-GT, 3 seeds; DPO for one pass over all
         # 2,362 pairs (74 x 32: every label the reward model was fitted to), PPO for notebook 07's 40
@@ -247,6 +261,9 @@ SETTINGS = {
         dpo=DPOConfig(beta=0.1, num_steps=300, batch_size=64, lr=1e-6, warmup_steps=30, eval_every=100),
         # notebook 10: each variant reads 100 x 32 = 3,200 pairs once; online DPO 4 rounds of 256 prompts
         variants=VariantsConfig(num_steps=100, batch_size=32, online_rounds=4, prompts_per_round=256),
+        # notebook 12 compares its runs on CPU processes (a Colab has one GPU; two processes need two
+        # devices), where GPT-2 takes seconds a step: a few short steps of small batches
+        scale_out=ScaleOutConfig(num_steps=4, batch_size=8, eval_pairs=16, eval_every=2),
         # what notebook 09 runs on a GPU by default (within the T4 budget): two betas, two KL
         # coefficients, PPO-GT, two seeds, short runs (PPO: 20 rollout batches, a third of notebook
         # 07's), an ideal frontier from 16 samples per prompt
@@ -314,6 +331,8 @@ def scaled(settings: Settings, factor: float) -> Settings:
         settings, eval_prompts=_count(settings.eval_prompts, factor, 8),
         variants=replace(variants, num_steps=_count(variants.num_steps, factor, max(4, -(-64 // variants.batch_size))),
                          prompts_per_round=per_round),
+        scale_out=replace(settings.scale_out, num_steps=_count(settings.scale_out.num_steps, factor, 2),
+                          eval_every=_count(settings.scale_out.eval_every, factor, 1)),
         sft=_scaled_run(settings.sft, factor), reward=_scaled_run(settings.reward, factor),
         ppo=_scaled_run(settings.ppo, factor), dpo=_scaled_run(settings.dpo, factor),
         pairs=replace(pairs, num_train_prompts=_count(pairs.num_train_prompts, factor, 128),

@@ -44,6 +44,7 @@ NB07 = "07_rlhf_with_ppo.ipynb"
 NB08 = "08_direct_preference_optimization.ipynb"
 NB09 = "09_dpo_vs_ppo.ipynb"
 NB10 = "10_beyond_dpo.ipynb"
+NB12 = "12_scaling_out.ipynb"
 
 # (notebook, module, function): the notebook shows the package's function (as an exercise or in full).
 IDENTICAL = [
@@ -62,6 +63,7 @@ IDENTICAL = [
     (NB07, "dpo_teach.ppo", "ppo_step"),
     (NB08, "dpo_teach.dpo", "dpo_batch_loss"),
     (NB09, "dpo_teach.frontier", "best_of_n_rewards"),
+    (NB12, "dpo_teach.distributed", "combine_means"),
 ]
 
 # (notebook, function shown) -> (package counterpart, why the two differ on purpose).

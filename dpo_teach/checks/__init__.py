@@ -5,9 +5,10 @@ What lives where:
 - `engine.py`: the recipe every check follows (`Case`, `Mistake`, `Extreme`,
   `compare_with_reference`: seeded random inputs, known mistakes named with a hint, extreme
   inputs, gradients) and the random-input makers shared by several notebooks;
-- `nb00.py` ... `nb11.py`: the checks of one notebook each (00 the warm-up, 01 Bradley-Terry,
+- `nb00.py` ... `nb12.py`: the checks of one notebook each (00 the warm-up, 01 Bradley-Terry,
   02 the KL-regularised objective, 03 DPO's loss, 04 masks and sampling, 05 SFT, 06 the reward
-  model, 07 PPO, 08 DPO on a language model, 09 the frontier, 10 beyond DPO, 11 when DPO goes wrong);
+  model, 07 PPO, 08 DPO on a language model, 09 the frontier, 10 beyond DPO, 11 when DPO goes wrong,
+  12 scaling out);
 - `steps.py`: the training steps the learner writes (05 SFT, 06 the reward model, 08 DPO), run
   from the same model as the reference step and compared step by step, parameters included.
 - `ppo_update.py`: notebook 07's PPO update on one rollout batch, run from the same small model as
@@ -37,6 +38,7 @@ _MODULE_OF = {  # public name -> the module of dpo_teach.checks that defines it
     **dict.fromkeys(["check_best_of_n_rewards", "check_on_frontier"], "nb09"),
     **dict.fromkeys(["check_ipo_loss", "check_log_odds"], "nb10"),
     **dict.fromkeys(["check_length_only_accuracy", "check_repetition_rate"], "nb11"),
+    **dict.fromkeys(["check_combine_means", "check_zero_bytes_per_parameter"], "nb12"),
     **dict.fromkeys(["check_dpo_batch_loss", "check_dpo_step", "check_reward_model_step", "check_sft_step",
                      "check_training_step", "StepCase"], "steps"),  # the training steps of 05, 06, 08
 }
