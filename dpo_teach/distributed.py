@@ -117,8 +117,8 @@ def gathered_ref_logps(accelerator, model, tokenizer, records: list[dict], confi
     from accelerate.utils import gather_object
 
     with accelerator.split_between_processes(records) as shard:
-        part = precompute_ref_logps(model, tokenizer, shard, average=config.average_logps, **lengths) if shard else (
-            torch.empty(0), torch.empty(0))
+        part = precompute_ref_logps(model, tokenizer, shard, average=config.average_logps, precision=config.precision,
+                                    **lengths) if shard else (torch.empty(0), torch.empty(0))
     parts = gather_object([part])  # one (chosen, rejected) per process, in process order
     return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
 
@@ -152,6 +152,11 @@ def train_dpo_distributed(accelerator, policy, tokenizer, train_pairs, config: D
     """Train `policy` in place with DPO on this process's share of every step (module docstring);
     return the history, the same on every process, in dpo.train_dpo's format: "step", "lr",
     "seconds", "sequences", "tokens", "train/<m>" and, at "eval/step", "eval/<m>" on eval_pairs."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        raise ValueError(f"dpo_teach.distributed is data parallelism (DDP) only, not {accelerator.distributed_type}: "
+                         "for FSDP or DeepSpeed use TRL's DPOTrainer (notebook 12, section 5)")
     records = as_records(train_pairs)
     eval_records = as_records(eval_pairs) if eval_pairs is not None else None
     num_processes, accumulation = accelerator.num_processes, accelerator.gradient_accumulation_steps

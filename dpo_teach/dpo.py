@@ -147,17 +147,18 @@ def as_records(pairs) -> list[dict]:
 
 @torch.no_grad()
 def precompute_ref_logps(ref_model, tokenizer, pairs, batch_size: int = 64, average: bool = False,
-                         max_prompt_tokens: int | None = None, max_response_tokens: int | None = None
-                         ) -> tuple[Tensor, Tensor]:
+                         max_prompt_tokens: int | None = None, max_response_tokens: int | None = None,
+                         precision: str | None = None) -> tuple[Tensor, Tensor]:
     """Reference log-probs of every pair, computed once: (ref_chosen_logps, ref_rejected_logps),
-    each (N,). The reference model is then never run during training."""
+    each (N,). The reference model is then never run during training. precision: the arithmetic
+    of the forward passes, as the policy trains in it (default: the device's, training.autocast)."""
     ref_model.eval()
     records = as_records(pairs)
     chosen, rejected = [], []
     for start in range(0, len(records), batch_size):
         batch = concatenated_batch(records[start:start + batch_size], tokenizer, max_prompt_tokens,
                                    max_response_tokens, start=start)
-        with autocast(next(ref_model.parameters()).device):  # the arithmetic the policy trains in
+        with autocast(next(ref_model.parameters()).device, precision):  # the arithmetic the policy trains in
             c, r = pair_logps(ref_model, batch, average)
         chosen.append(c.cpu())
         rejected.append(r.cpu())

@@ -166,6 +166,8 @@ class ScaleOutConfig:
 
     num_steps: int = 20  # optimizer steps of each run (each pair read once)
     batch_size: int = 32  # pairs per optimizer step over all processes: divisible by processes x accumulation
+    lr: float = 1e-4  # large enough that the runs move the loss far more than the agreement tolerance
+    warmup_steps: int = 10
     eval_pairs: int = 64  # held-out pairs, evaluated every eval_every steps
     eval_every: int = 5
 
@@ -262,8 +264,9 @@ SETTINGS = {
         # notebook 10: each variant reads 100 x 32 = 3,200 pairs once; online DPO 4 rounds of 256 prompts
         variants=VariantsConfig(num_steps=100, batch_size=32, online_rounds=4, prompts_per_round=256),
         # notebook 12 compares its runs on CPU processes (a Colab has one GPU; two processes need two
-        # devices), where GPT-2 takes seconds a step: a few short steps of small batches
-        scale_out=ScaleOutConfig(num_steps=4, batch_size=8, eval_pairs=16, eval_every=2),
+        # devices), where GPT-2 takes seconds a step: a few short steps of small batches, with ten times
+        # DPO's learning rate and no warm-up, so that four steps move the loss
+        scale_out=ScaleOutConfig(num_steps=4, batch_size=8, eval_pairs=16, eval_every=2, lr=1e-5, warmup_steps=1),
         # what notebook 09 runs on a GPU by default (within the T4 budget): two betas, two KL
         # coefficients, PPO-GT, two seeds, short runs (PPO: 20 rollout batches, a third of notebook
         # 07's), an ideal frontier from 16 samples per prompt
@@ -332,7 +335,9 @@ def scaled(settings: Settings, factor: float) -> Settings:
         variants=replace(variants, num_steps=_count(variants.num_steps, factor, max(4, -(-64 // variants.batch_size))),
                          prompts_per_round=per_round),
         scale_out=replace(settings.scale_out, num_steps=_count(settings.scale_out.num_steps, factor, 2),
-                          eval_every=_count(settings.scale_out.eval_every, factor, 1)),
+                          eval_every=_count(settings.scale_out.eval_every, factor, 1),
+                          warmup_steps=min(_count(settings.scale_out.warmup_steps, factor, 1),
+                                           _count(settings.scale_out.num_steps, factor, 2))),
         sft=_scaled_run(settings.sft, factor), reward=_scaled_run(settings.reward, factor),
         ppo=_scaled_run(settings.ppo, factor), dpo=_scaled_run(settings.dpo, factor),
         pairs=replace(pairs, num_train_prompts=_count(pairs.num_train_prompts, factor, 128),

@@ -5,8 +5,8 @@ With the same global batch, a 2-process run, and a 2-process run with gradient a
 quarter of the batch per forward pass), take the same steps as dpo.train_dpo on one process: the
 per-step losses and the final parameters agree within TOLERANCE (float sums in another order; the
 runs are otherwise the same arithmetic; measured: losses within 3e-7, parameters within 6e-6; a run
-whose processes do not average their gradients misses by 5e-3 in the loss). One process under dpo_teach.distributed is dpo.train_dpo
-exactly. TRL's DPOTrainer launched the same way logs log 2 at its first step (policy = reference),
+whose processes do not average their gradients misses by 5e-3 in the loss, which a test checks).
+One process under dpo_teach.distributed is dpo.train_dpo step for step (within 1e-6). TRL's DPOTrainer launched the same way logs log 2 at its first step (policy = reference),
 and its 1- and 2-process runs agree too.
 """
 
@@ -68,9 +68,9 @@ def one_process(course):
     return history, trained
 
 
-def distributed_run(course, out: Path, processes: int, accumulation: int = 1):
+def distributed_run(course, out: Path, processes: int, accumulation: int = 1, program=("-m", "dpo_teach.distributed")):
     _, _, _, _, folder = course
-    launch(["-m", "dpo_teach.distributed", "--preset", "tiny", "--model", str(folder / "sft"), "--data",
+    launch([*program, "--preset", "tiny", "--model", str(folder / "sft"), "--data",
             str(folder / "pairs"), "--steps", str(STEPS), "--batch-size", str(BATCH), "--accumulation",
             str(accumulation), "--eval-every", "0", "--out", str(out)], processes)
     saved = json.loads((out / "history.json").read_text())
@@ -100,7 +100,7 @@ def test_micro_batches_cut_the_global_batch_without_loss_or_overlap():
         micro_batches(index[:12], 2, 4)
 
 
-def test_one_process_is_train_dpo_exactly(course, one_process, tmp_path):
+def test_one_process_is_train_dpo_step_for_step(course, one_process, tmp_path):
     reference_history, reference_model = one_process
     run, history, model = distributed_run(course, tmp_path / "one", processes=1)
     assert run["processes"] == 1 and run["precision"] == "float32"
@@ -120,6 +120,16 @@ def test_two_processes_with_gradient_accumulation_take_the_steps_of_one(course, 
     run, history, model = distributed_run(course, tmp_path / "accumulated", processes=2, accumulation=2)
     assert run["processes"] == 2 and run["accumulation"] == 2
     assert_same_run(history, model, reference_history, reference_model, **TOLERANCE)
+
+
+def test_the_comparison_catches_processes_that_do_not_average_their_gradients(course, one_process, tmp_path):
+    """The negative control: the same job with its forward pass bypassing DDP's wrapper (no
+    all-reduce) drifts from the one-process run by far more than TOLERANCE."""
+    reference_history, _ = one_process
+    _, history, _ = distributed_run(course, tmp_path / "unsynced", processes=2,
+                                    program=(str(ROOT / "tests" / "unsynced_dpo_job.py"),))
+    drift = max(abs(a - b) for a, b in zip(history["train/loss"], reference_history["train/loss"]))
+    assert drift > 10 * TOLERANCE["atol"], f"an unsynchronised run stayed within {drift:.1e} of one process"
 
 
 def test_a_batch_that_does_not_divide_is_refused(course, tmp_path):

@@ -85,13 +85,17 @@ def _stage_and_devices(generator: torch.Generator) -> Inputs:
 def check_zero_bytes_per_parameter(zero_bytes_per_parameter: Callable) -> None:
     """Check zero_bytes_per_parameter(stage, devices) -> the bytes per parameter that one of
     `devices` devices holds for weights, gradients and Adam's state under ZeRO stage `stage` (0: no
-    sharding), as a 0-dimensional tensor."""
+    sharding): a number (a float, or a 0-dimensional tensor)."""
+
+    def as_number(stage: int, devices: int) -> Tensor:
+        return torch.as_tensor(zero_bytes_per_parameter(stage, devices), dtype=torch.float64)
+
     case = Case(
         name="zero_bytes_per_parameter",
         reference=_zero_bytes_per_parameter,
         make_inputs=_stage_and_devices,
         num_trials=24,  # every stage, several device counts
-        shape_hint="Return one number: a 0-dimensional tensor, e.g. torch.tensor(total, dtype=torch.float64).",
+        shape_hint="Return one number (a float).",
         mistakes=[
             Mistake("Adam's state is counted as 8 bytes (the float32 master copy of the weights is missing)",
                     lambda st, d: _zero_bytes_per_parameter(st, d) - (OPTIMIZER - 8) / (d if st >= 1 else 1),
@@ -108,4 +112,4 @@ def check_zero_bytes_per_parameter(zero_bytes_per_parameter: Callable) -> None:
                     "Stage 3 (FSDP's full sharding) shards the weights as well: every state is divided by the devices."),
         ],
     )
-    compare_with_reference(zero_bytes_per_parameter, case)
+    compare_with_reference(as_number, case)
