@@ -12,6 +12,7 @@ sweep's three seeds (a new machine is, for the sampling, close to a new seed).
 """
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -59,15 +60,23 @@ def json_ready(config):
 
 
 def test_one_configuration_of_the_committed_sweep_reproduces(committed):
+    """The re-run is checked at three of the committed run's checkpoints: the start, the middle
+    (step 45) and the end (each checkpoint samples 512 responses; the training is the same whichever
+    checkpoints are evaluated, since evaluations draw from a forked random stream)."""
     preset, results, runs = committed
-    experiment = frontier.Experiment(preset, parts={"reward_cost": results["meta"]["reward_model_cost"]},
+    sweep_config = frontier.sweep_config(preset)
+    experiment = frontier.Experiment(preset, sweep=replace(sweep_config, dpo_eval_every=45),
+                                     parts={"reward_cost": results["meta"]["reward_model_cost"]},
                                      eval_seed=results["meta"]["eval_seed"])
     assert experiment.eval_prompts == results["meta"]["eval_prompts"]
     seed_everything(SEED)  # as run_job does
     rerun = experiment.dpo(BETA, SEED)
     old = runs[SEED]
-    assert [p.step for p in rerun.points] == [p.step for p in old.points]
-    for i, (new_point, old_point) in enumerate(zip(rerun.points, old.points)):
+    steps = [p.step for p in old.points]
+    assert [p.step for p in rerun.points] == [0, 45, sweep_config.dpo_steps] and set(steps) >= {0, 45, steps[-1]}
+    for new_point in rerun.points:
+        i = steps.index(new_point.step)
+        old_point = old.points[i]
         for key in ("rewards", "kls"):
             seeds = [getattr(runs[s].points[i], key) for s in sorted(runs)]
             gap, allowed = tolerance(getattr(new_point, key), getattr(old_point, key), seeds)
