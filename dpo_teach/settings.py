@@ -328,13 +328,15 @@ def scaled(settings: Settings, factor: float) -> Settings:
     if factor == 1:
         return settings
     pairs, variants = settings.pairs, settings.variants
-    # notebook 10 probes 64 of the variants' pairs (4 steps of 16 at least) and runs online DPO on
-    # distinct training prompts that have pairs: (4 rounds x 16 at least), hence 128 prompts at least
-    per_round = variants.batch_size * _count(variants.prompts_per_round / variants.batch_size, factor, 1)
+    # notebook 10 probes 64 of the variants' pairs (so steps x batch >= 64) and runs online DPO on
+    # distinct training prompts that have pairs (rounds x prompts per round), hence 128 prompts at least;
+    # its batch shrinks with the rest, to 8 pairs at least
+    batch = max(8, 2 * _count(variants.batch_size / 2, factor, 1))
+    per_round = batch * _count(variants.prompts_per_round / variants.batch_size, factor, 1)
     return replace(
         settings, eval_prompts=_count(settings.eval_prompts, factor, 8),
-        variants=replace(variants, num_steps=_count(variants.num_steps, factor, max(4, -(-64 // variants.batch_size))),
-                         prompts_per_round=per_round),
+        variants=replace(variants, num_steps=_count(variants.num_steps, factor, max(4, -(-64 // batch))),
+                         batch_size=batch, prompts_per_round=per_round),
         scale_out=replace(settings.scale_out, num_steps=_count(settings.scale_out.num_steps, factor, 2),
                           eval_every=_count(settings.scale_out.eval_every, factor, 1),
                           warmup_steps=min(_count(settings.scale_out.warmup_steps, factor, 1),
