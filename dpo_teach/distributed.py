@@ -59,7 +59,7 @@ from dpo_teach.dpo import (
 )
 from dpo_teach.logps import SequenceLogps
 from dpo_teach.settings import DPOConfig
-from dpo_teach.training import append, default_precision, lr_at, make_optimizer
+from dpo_teach.training import append, default_precision, lr_at, make_optimizer, record_eval
 from dpo_teach.utils import shuffled_batches
 
 __all__ = ["MIXED_PRECISION", "launch_command", "run_processes", "micro_batches", "combine_means", "gathered_ref_logps", "gathered_eval", "train_dpo_distributed", "main"]
@@ -167,14 +167,11 @@ def train_dpo_distributed(accelerator, policy, tokenizer, train_pairs, config: D
     history: dict[str, list] = {"step": [], "lr": [], "seconds": [], "sequences": [], "tokens": []}
     evaluating = eval_records is not None and config.eval_every > 0
 
-    def record_eval(step: int) -> float:
-        start = time.perf_counter()
-        append(history, {"step": step, **gathered_eval(accelerator, policy, tokenizer, eval_records, eval_ref, config,
-                                                       **lengths)}, prefix="eval/")
-        return time.perf_counter() - start
+    def evaluate() -> dict[str, float]:
+        return gathered_eval(accelerator, policy, tokenizer, eval_records, eval_ref, config, **lengths)
 
     if evaluating:
-        record_eval(0)
+        record_eval(history, policy, evaluate, 0)
     sequences = tokens = 0
     eval_seconds, start = 0.0, time.perf_counter()
     model.train()
@@ -208,7 +205,7 @@ def train_dpo_distributed(accelerator, policy, tokenizer, train_pairs, config: D
         if (step + 1) % 10 == 0:
             bar.set_postfix(loss=f"{history['train/loss'][-1]:.3f}")
         if evaluating and ((step + 1) % config.eval_every == 0 or step + 1 == config.num_steps):
-            eval_seconds += record_eval(step + 1)
+            eval_seconds += record_eval(history, policy, evaluate, step + 1)
     policy.eval()
     return history
 
