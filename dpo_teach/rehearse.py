@@ -47,8 +47,8 @@ from pathlib import Path
 
 from dpo_teach.claims import REHEARSAL_ENV
 
-__all__ = ["GPT2_VOCAB_SIZE", "END_OF_TEXT", "REHEARSAL_ENV", "T4_FLOPS", "build_imdb", "build_model", "build_tokenizer",
-           "main", "prepare", "rehearse", "t4_estimate"]
+__all__ = ["GPT2_VOCAB_SIZE", "END_OF_TEXT", "REHEARSAL_ENV", "T4_FLOPS", "TEST_SCALE", "Run", "build_imdb", "build_model",
+           "build_tokenizer", "main", "prepare", "rehearse", "t4_estimate"]
 
 GPT2_VOCAB_SIZE = 50_257  # GPT-2's vocabulary: 50,000 merges + 256 bytes + <|endoftext|> (id 50,256)
 END_OF_TEXT = "<|endoftext|>"
@@ -60,6 +60,8 @@ PRETRAINING = {"full": (300, 16, 128), "small": (150, 8, 64)}
 # What a T4 sustains in float16 on a model of this size, for the T4 estimate: 40% of its dense
 # tensor-core peak of 65 TFLOP/s (NVIDIA's T4 datasheet). The 40% is an assumption, not a measurement.
 T4_FLOPS = 0.4 * 65e12
+TEST_SCALE = 0.02  # the scale of the rehearsal the tests run (tests/test_rehearsal.py, with --small)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _made_up_words(n: int, seed: int) -> list[str]:
@@ -302,6 +304,61 @@ def rehearse(out: Path, notebooks: list[Path], small: bool = False, scale: float
     return report
 
 
+class Run:
+    """`python -m dpo_teach.rehearse --small --scale SCALE --out OUT`, started now in a subprocess with
+    `threads` CPU threads (OMP_NUM_THREADS) and collected later by wait(). Its output goes to
+    OUT/rehearsal.log. The subprocess leads a session of its own (on POSIX), so that stop() stops the
+    notebook kernels it started too. The tests start one in the background (conftest.py)."""
+
+    def __init__(self, out: Path, scale: float = TEST_SCALE, threads: int = 2, small: bool = True):
+        import subprocess
+
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = self.out / "rehearsal.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DPO_TEACH_")}
+        env["OMP_NUM_THREADS"] = str(threads)
+        command = [sys.executable, "-m", "dpo_teach.rehearse", "--scale", str(scale), "--out", str(self.out)]
+        self.started = time.monotonic()
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(command + (["--small"] if small else []), cwd=ROOT, env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=os.name == "posix")
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def wait(self, timeout: float) -> tuple[int | None, dict | None, str]:
+        """(exit code, report, the log's last 6,000 characters), once the run has ended; a run still
+        going `timeout` seconds after its start is stopped (exit code None). The report is None where
+        the run wrote none."""
+        import subprocess
+
+        try:
+            code = self.process.wait(timeout=max(0.0, timeout - (time.monotonic() - self.started)))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            code = None
+        report_path = self.out / "report.json"
+        report = json.loads(report_path.read_text()) if report_path.exists() else None
+        return code, report, self.log.read_text(errors="replace")[-6000:]
+
+    def stop(self) -> None:
+        """End the run and the kernels it started, if it is still going."""
+        import signal
+        import subprocess
+
+        if not self.running():
+            return
+        if os.name == "posix":
+            os.killpg(self.process.pid, signal.SIGKILL)
+        else:
+            self.process.kill()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: every notebook under notebooks/")
@@ -312,8 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=None, help="start no notebook after this many seconds")
     parser.add_argument("--keep-going", action="store_true", help="run every cell after an error; list every error")
     args = parser.parse_args(argv)
-    root = Path(__file__).resolve().parent.parent
-    paths = args.notebooks or sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    paths = args.notebooks or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     report = rehearse(args.out.resolve(), paths, args.small, args.scale, args.timeout, args.deadline, args.keep_going)
     failed = [r for r in report["notebooks"] if r["status"] != "ok"]
     print(f"{len(report['notebooks']) - len(failed)} of {len(report['notebooks'])} notebooks ran; "

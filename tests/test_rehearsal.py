@@ -2,10 +2,7 @@
 byte-level BPE without a pad token, a GPT-2-format model, IMDb-format data), IMDb's text handling,
 scaled-down settings, and every notebook executed under the gpt2 preset (dpo_teach.rehearse)."""
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -133,18 +130,19 @@ def test_a_claim_raises_except_in_a_rehearsal(monkeypatch, capsys):
     assert CLAIMS["met"] == before.get("met", 0) + 1 and CLAIMS["unmet"] == before.get("unmet", 0) + 2
 
 
-def test_every_notebook_runs_under_the_gpt2_preset(tmp_path):
+def test_every_notebook_runs_under_the_gpt2_preset(background_rehearsal, tmp_path):
     """The rehearsal CI runs: a 2-layer GPT-2-format model with GPT-2's vocabulary, the IMDb-format
     data, every count of the gpt2 settings x 0.02, every notebook in a fresh kernel, offline. Claims
-    about results are counted, not enforced (a barely trained model); every other assertion holds."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DPO_TEACH_")}
-    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
-    out = tmp_path / "rehearsal"
-    result = subprocess.run([sys.executable, "-m", "dpo_teach.rehearse", "--small", "--scale", "0.02", "--out", str(out)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
-    report = json.loads((out / "report.json").read_text())
+    about results are counted, not enforced (a barely trained model); every other assertion holds.
+    Run beside the notebooks, it was started in the background when the session began (conftest.py);
+    alone, it runs here."""
+    run = background_rehearsal or rehearse.Run(tmp_path / "rehearsal", scale=rehearse.TEST_SCALE,
+                                               threads=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    code, report, log = run.wait(timeout=2400)
+    assert code is not None, f"the rehearsal did not end within 40 minutes and was stopped:\n{log}"
+    assert report is not None, f"the rehearsal wrote no report (exit code {code}):\n{log}"
     failed = {r["notebook"]: r.get("errors", r["status"]) for r in report["notebooks"] if r["status"] != "ok"}
-    assert not failed and result.returncode == 0, f"{failed}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert not failed and code == 0, f"{failed}\n{log}"
     notebooks = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     assert [r["notebook"] for r in report["notebooks"]] == notebooks
     assert all(r["seconds"] > 0 and "peak_rss_mb" in r for r in report["notebooks"])
