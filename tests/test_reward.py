@@ -14,6 +14,7 @@ from dpo_teach.reward import (
     pair_batch,
     pair_rewards,
     pairwise_accuracy,
+    reward_model_batch_loss,
     score_texts,
     train_reward_model,
 )
@@ -114,6 +115,19 @@ def test_pair_batch_puts_the_chosen_then_the_rejected(reward_model, tokenizer):
         from_batch = pair_rewards(reward_model, tokenizer, PAIRS, batch=batch)
         built = pair_rewards(reward_model, tokenizer, PAIRS)
     torch.testing.assert_close(from_batch, built)
+
+
+def test_the_step_loss_and_its_margins(reward_model, tokenizer):
+    """reward_model_batch_loss: the mean Bradley-Terry loss of the pairs, with its graph, and each
+    pair's margin r_chosen - r_rejected (chosen minus rejected, not the other way), detached."""
+    batch = pair_batch(tokenizer, PAIRS)
+    loss, margins = reward_model_batch_loss(reward_model, batch)
+    with torch.no_grad():
+        chosen, rejected = pair_rewards(reward_model, tokenizer, PAIRS, batch=batch)
+    assert margins.shape == (len(PAIRS),) and not margins.requires_grad and loss.requires_grad
+    assert (chosen - rejected).abs().min() > 1e-3, "the pairs' scores differ, so a swapped sign shows"
+    torch.testing.assert_close(margins, chosen - rejected)
+    torch.testing.assert_close(loss.detach(), bradley_terry_loss(chosen, rejected).mean())
 
 
 def test_training_fits_the_pairs(tiny_model, tokenizer):
