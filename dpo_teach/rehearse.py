@@ -40,12 +40,15 @@ import json
 import os
 import random
 import re
+import signal
 import string
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from dpo_teach.claims import REHEARSAL_ENV
+from dpo_teach.presets import REPOSITORY
 
 __all__ = ["GPT2_VOCAB_SIZE", "END_OF_TEXT", "REHEARSAL_ENV", "T4_FLOPS", "TEST_SCALE", "Run", "build_imdb", "build_model",
            "build_tokenizer", "main", "prepare", "rehearse", "t4_estimate"]
@@ -61,7 +64,6 @@ PRETRAINING = {"full": (300, 16, 128), "small": (150, 8, 64)}
 # tensor-core peak of 65 TFLOP/s (NVIDIA's T4 datasheet). The 40% is an assumption, not a measurement.
 T4_FLOPS = 0.4 * 65e12
 TEST_SCALE = 0.02  # the scale of the rehearsal the tests run (tests/test_rehearsal.py, with --small)
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _made_up_words(n: int, seed: int) -> list[str]:
@@ -310,19 +312,17 @@ class Run:
     OUT/rehearsal.log. The subprocess leads a session of its own (on POSIX), so that stop() stops the
     notebook kernels it started too. The tests start one in the background (conftest.py)."""
 
-    def __init__(self, out: Path, scale: float = TEST_SCALE, threads: int = 2, small: bool = True):
-        import subprocess
-
+    def __init__(self, out: Path, scale: float = TEST_SCALE, threads: int = 2):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = self.out / "rehearsal.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("DPO_TEACH_")}
         env["OMP_NUM_THREADS"] = str(threads)
-        command = [sys.executable, "-m", "dpo_teach.rehearse", "--scale", str(scale), "--out", str(self.out)]
+        command = [sys.executable, "-m", "dpo_teach.rehearse", "--small", "--scale", str(scale), "--out", str(self.out)]
         self.started = time.monotonic()
         with open(self.log, "w") as log:
-            self.process = subprocess.Popen(command + (["--small"] if small else []), cwd=ROOT, env=env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=os.name == "posix")
+            self.process = subprocess.Popen(command, cwd=REPOSITORY, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=os.name == "posix")
 
     def running(self) -> bool:
         return self.process.poll() is None
@@ -331,8 +331,6 @@ class Run:
         """(exit code, report, the log's last 6,000 characters), once the run has ended; a run still
         going `timeout` seconds after its start is stopped (exit code None). The report is None where
         the run wrote none."""
-        import subprocess
-
         try:
             code = self.process.wait(timeout=max(0.0, timeout - (time.monotonic() - self.started)))
         except subprocess.TimeoutExpired:
@@ -344,9 +342,6 @@ class Run:
 
     def stop(self) -> None:
         """End the run and the kernels it started, if it is still going."""
-        import signal
-        import subprocess
-
         if not self.running():
             return
         if os.name == "posix":
@@ -369,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=None, help="start no notebook after this many seconds")
     parser.add_argument("--keep-going", action="store_true", help="run every cell after an error; list every error")
     args = parser.parse_args(argv)
-    paths = args.notebooks or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    paths = args.notebooks or sorted((REPOSITORY / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     report = rehearse(args.out.resolve(), paths, args.small, args.scale, args.timeout, args.deadline, args.keep_going)
     failed = [r for r in report["notebooks"] if r["status"] != "ok"]
     print(f"{len(report['notebooks']) - len(failed)} of {len(report['notebooks'])} notebooks ran; "
